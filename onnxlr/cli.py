@@ -1,0 +1,167 @@
+"""Command line: ``onnxlr optimize | inspect``. Thin: parse, call, print.
+
+User errors (:class:`OnnxlrError`) become one line on stderr and a non-zero
+exit code; anything else is a bug and keeps its traceback.
+Exit codes: 0 ok, 1 bad input, 2 bad usage, 3 ``--max-error`` missed with
+``--on-exceed fail`` (the result then goes to ``<out>.rejected.onnx``), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from onnxlr import __version__
+from onnxlr.errors import BoundExceeded, OnnxlrError
+
+
+def _max_error(value: str) -> float | None:
+    if value.lower() in ("none", "off"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {value!r}") from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="input .onnx file")
+    p.add_argument("--method", default="auto",
+                   help="auto | svd | tucker | cp, or per kind: 'auto,conv=cp' "
+                        "(kinds: gemm, matmul, conv1x1, conv). Default: auto")
+    p.add_argument("--rank-multiple", type=int, default=1, metavar="N",
+                   help="round ranks up to a multiple of N (8 or 16 run faster on most hardware)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onnxlr", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"onnxlr {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("optimize", help="factorise layers and verify the result")
+    _common(p)
+    p.add_argument("-o", "--output", required=True, help="output .onnx path (never the input)")
+    p.add_argument("--rank", default="vbmf",
+                   help="32 (fixed) | 0.25 (fraction of full rank) | energy:0.95 | vbmf. "
+                        "Default: vbmf")
+    p.add_argument("--include", action="append", default=[], metavar="GLOB",
+                   help="only factorise layers whose node name matches (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="never factorise layers whose node name matches (repeatable)")
+    p.add_argument("--layer-rank", action="append", default=[], metavar="GLOB=RANK",
+                   help="a rank rule for matching layers, e.g. 'conv5_*=16' (repeatable)")
+    p.add_argument("--max-error", type=_max_error, default=0.05, metavar="X",
+                   help="bound on each output's relative L2 error vs the original "
+                        "(default 0.05; 'none' disables)")
+    p.add_argument("--on-exceed", choices=("revert", "fail"), default="revert",
+                   help="revert: undo the layers that hurt most until the bound holds (default); "
+                        "fail: exit 3 and write the result to <output>.rejected.onnx instead")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
+                   help="shape for an input with dynamic dims (repeatable)")
+    p.add_argument("--inputs", metavar="NPZ", help=".npz of real inputs keyed by input name")
+    p.add_argument("--batch", type=int, default=1, help="batch size for random inputs (default 1)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="do not run ONNX Runtime (needs --max-error none)")
+    p.add_argument("--cp-max-seconds", type=float, default=60.0,
+                   help="time bound for one CP decomposition (default 60)")
+    p.add_argument("--report", action="append", default=[], metavar="PATH",
+                   help="write the report: .json or .md (repeatable)")
+
+    p = sub.add_parser("inspect", help="list candidate layers and the ranks each rule would pick")
+    _common(p)
+    p.add_argument("--rules", default="vbmf,energy:0.95,0.25",
+                   help="comma list of rank rules to show (default vbmf,energy:0.95,0.25)")
+    return parser
+
+
+def _progress(i: int, total: int, name: str) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r\033[K[{i + 1}/{total}] {name}")
+        if i + 1 == total:
+            sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
+
+
+def _rejected_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".rejected" + (output.suffix or ".onnx"))
+
+
+def cmd_optimize(args) -> int:
+    from onnxlr.io import same_file, save_model
+    from onnxlr.pipeline import optimize
+    from onnxlr.runtime import parse_input_shapes
+
+    out = Path(args.output)
+    if same_file(out, args.model):
+        raise OnnxlrError(f"{out}: output path is the input model; refusing to overwrite it")
+    for path in args.report:
+        if Path(path).suffix not in (".json", ".md"):
+            raise OnnxlrError(f"{path}: unknown report format (use .json or .md)")
+    shapes = parse_input_shapes(args.input_shape) if args.input_shape else None
+    model, report = optimize(
+        args.model, args.method, args.rank, rank_multiple=args.rank_multiple,
+        include=args.include, exclude=args.exclude, layer_ranks=args.layer_rank,
+        max_error=args.max_error, on_exceed=args.on_exceed, verify=not args.no_verify,
+        input_shapes=shapes, inputs=args.inputs, batch=args.batch,
+        cp_max_seconds=args.cp_max_seconds, progress=_progress)
+    print(report.to_text())
+    target = out if report.bound_met is not False else _rejected_path(out)
+    save_model(model, target, protect=[args.model])
+    for path in args.report:
+        text = report.to_json() if path.endswith(".json") else report.to_markdown()
+        _write_text(Path(path), text, protect=[args.model, target])
+    if report.bound_met is False:
+        raise BoundExceeded(f"output error {report.output_error:.4g} exceeds --max-error "
+                            f"{args.max_error:g}; result written to {target} (not to {out})")
+    print(f"wrote {target}")
+    return 0
+
+
+def _write_text(path: Path, text: str, protect) -> None:
+    import os
+    import tempfile
+
+    from onnxlr.io import same_file
+    if any(same_file(path, p) for p in protect):
+        raise OnnxlrError(f"{path}: report path would overwrite a model")
+    fd, tmp = tempfile.mkstemp(prefix=".onnxlr-", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_inspect(args) -> int:
+    from onnxlr.inspect import format_views, inspect_model
+    from onnxlr.io import load_model
+
+    rules = tuple(r.strip() for r in args.rules.split(",") if r.strip())
+    views = inspect_model(load_model(args.model), args.method, rules, args.rank_multiple)
+    print(format_views(views, rules))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "optimize":
+            return cmd_optimize(args)
+        return cmd_inspect(args)
+    except OnnxlrError as exc:
+        print(f"onnxlr: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnxlr: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""``onnxlr inspect``: what each rank rule would do to each candidate layer, without changing it.
+
+Fast by design: no onnxruntime, no decomposition — only spectra (SVDs of the
+weight and its unfoldings) and cost formulas.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+
+from onnxlr.graph import to_graph
+from onnxlr.methods import METHODS, parse_method
+from onnxlr.pipeline import prepare
+from onnxlr.rank import parse_rank
+from onnxlr.report import human
+from onnxlr.sites import find_site
+
+RULES = ("vbmf", "energy:0.95", "0.25")
+
+
+@dataclass
+class LayerView:
+    name: str
+    op: str
+    kind: str | None
+    weight_shape: tuple
+    params: int = 0
+    macs: int = 0
+    method: str | None = None
+    choices: dict = field(default_factory=dict)   # rule → (ranks, macs ratio) or reason
+    reason: str = ""
+
+
+def inspect_model(model: onnx.ModelProto, method: str = "auto", rules=RULES,
+                  rank_multiple: int = 1) -> list[LayerView]:
+    """One :class:`LayerView` per Gemm/MatMul/Conv node of the prepared model."""
+    plan = parse_method(method)
+    selectors = [parse_rank(r) for r in rules]
+    views = []
+    for node in to_graph(prepare(model)).nodes:
+        if node.op not in ("Gemm", "MatMul", "Conv"):
+            continue
+        site = find_site(node)
+        if isinstance(site, str):
+            views.append(LayerView(node.name, node.op, None, (), reason=site))
+            continue
+        view = LayerView(node.name, node.op, site.kind, tuple(site.weight.shape), site.params,
+                         site.macs, plan.get(site.kind))
+        views.append(view)
+        if view.method is None:
+            view.reason = f"no method selected for {site.kind} layers"
+            continue
+        m = METHODS[view.method]()
+        for sel in selectors:
+            ranks = m.choose_ranks(site, sel, rank_multiple)
+            if isinstance(ranks, str):
+                view.choices[sel.spec] = ranks
+                continue
+            params, macs = m.cost(site, ranks)
+            if params >= site.params or macs >= site.macs:
+                view.choices[sel.spec] = f"ranks {ranks} save nothing"
+            else:
+                view.choices[sel.spec] = (tuple(ranks), macs / site.macs)
+    return views
+
+
+def format_views(views: list[LayerView], rules=RULES) -> str:
+    total = sum(v.macs for v in views) or 1
+    header = ["layer", "op", "weight", "params", "MACs", "share", "method"] + list(rules)
+    rows = [header]
+    for v in views:
+        row = [v.name, v.op, "x".join(map(str, v.weight_shape)) or "-", human(v.params),
+               human(v.macs), f"{100 * v.macs / total:.1f}%", v.method or "-"]
+        for r in rules:
+            c = v.choices.get(r)
+            if c is None:
+                row.append(v.reason or "-")
+            elif isinstance(c, str):
+                row.append("declined: " + c)
+            else:
+                row.append(f"{'x'.join(map(str, c[0]))} ({c[1]:.2f}x MACs)")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

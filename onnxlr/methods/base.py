@@ -1,0 +1,113 @@
+"""What a factorisation method is, and the graph-building helpers they share.
+
+A method answers four questions about a :class:`~onnxlr.sites.LayerSite`:
+which ranks (from a rank rule), what they cost (params, MACs), the factors
+(pure numpy, in ``onnxlr.linalg``), and the nodes that replace the layer.
+The factorise pass does the bookkeeping; a method holds no state.
+"""
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxlr.graph import NameScope
+from onnxlr.rank import RankSelector, round_rank
+from onnxlr.sites import LayerSite
+
+
+@dataclass
+class Factors:
+    """The result of decomposing one weight."""
+
+    arrays: Any              # method-specific numpy factors
+    weight_error: float      # relative Frobenius error of the reconstructed weight
+    seconds: float = 0.0
+    notes: str = ""
+
+
+class Method(abc.ABC):
+    """A factorisation: ranks → cost → factors → replacement nodes."""
+
+    name: str = ""
+    kinds: frozenset[str] = frozenset()
+    help: str = ""
+
+    @abc.abstractmethod
+    def choose_ranks(self, site: LayerSite, selector: RankSelector,
+                     multiple: int) -> tuple[int, ...] | str:
+        """Ranks for this site, or the reason no useful rank exists."""
+
+    @abc.abstractmethod
+    def cost(self, site: LayerSite, ranks: tuple[int, ...]) -> tuple[int, int]:
+        """(params, MACs) of the replacement, bias included, at the site's shapes."""
+
+    @abc.abstractmethod
+    def decompose(self, site: LayerSite, ranks: tuple[int, ...]) -> Factors:
+        """Compute the factors (numpy only, no graph access)."""
+
+    @abc.abstractmethod
+    def build(self, graph: gs.Graph, site: LayerSite, factors: Factors, names: NameScope) -> None:
+        """Replace ``site.node`` in ``graph`` by the factorised nodes."""
+
+
+def select_rank(selector: RankSelector, s: np.ndarray, m: int, n: int, multiple: int) -> int:
+    """Run a rank rule on a spectrum and round it to the hardware-friendly multiple."""
+    return round_rank(int(selector.select(s, m, n)), multiple, min(m, n))
+
+
+# --- graph building -------------------------------------------------------------------------
+
+def constant(names: NameScope, name: str, array: np.ndarray, dtype: np.dtype) -> gs.Constant:
+    return gs.Constant(names(name), np.ascontiguousarray(array.astype(dtype)))
+
+
+def new_node(graph: gs.Graph, names: NameScope, name: str, op: str, inputs: list,
+             attrs: dict, output: gs.Variable | None, dtype) -> gs.Variable:
+    """Append a node; its output is ``output`` (the replaced layer's) or a fresh tensor."""
+    node_name = names(name)
+    out = output if output is not None else gs.Variable(names(node_name + "_out"), dtype=dtype)
+    graph.nodes.append(gs.Node(op, name=node_name, attrs=attrs, inputs=inputs, outputs=[out]))
+    return out
+
+
+def detach(site: LayerSite) -> tuple[gs.Tensor, gs.Variable]:
+    """Disconnect the original node; return its activation input and its output tensor."""
+    node = site.node
+    x, y = node.inputs[0], node.outputs[0]
+    node.outputs.clear()
+    node.inputs.clear()
+    return x, y
+
+
+def conv_attrs(site: LayerSite, kernel: tuple[int, ...], *, geometry: bool) -> dict:
+    """Attributes for a Conv in a chain; ``geometry`` keeps the original stride/pads/dilation."""
+    d = len(kernel)
+    attrs: dict = {"kernel_shape": list(kernel), "group": 1}
+    if geometry:
+        a = site.node.attrs
+        for key in ("strides", "dilations", "pads"):
+            if key in a:
+                attrs[key] = list(a[key])
+        if a.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            attrs["auto_pad"] = a["auto_pad"]
+            attrs.pop("pads", None)
+    else:
+        attrs.update(strides=[1] * d, pads=[0] * (2 * d), dilations=[1] * d)
+    return attrs
+
+
+def ones(d: int) -> tuple[int, ...]:
+    return (1,) * d
+
+
+def kernel_size(site: LayerSite) -> int:
+    return math.prod(site.weight.shape[2:])
+
+
+def bias_params(site: LayerSite) -> int:
+    return site.bias.size if site.bias is not None else 0

@@ -1,0 +1,35 @@
+"""``Constant`` nodes → initializers, so every weight looks the same to later passes.
+
+Exported models hold weights both ways (PyTorch's exporter emits ``Constant``
+nodes for some). Only tensor-valued constants (attribute ``value``) consumed
+by nodes are converted; graph outputs produced by a Constant keep their node.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxlr.graph import is_graph_output
+from onnxlr.passes.base import Pass, PassResult
+
+
+class ConstantsToInitializers(Pass):
+    name = "constants-to-initializers"
+
+    def call(self, graph: gs.Graph) -> PassResult:
+        modified = False
+        for node in graph.nodes:
+            if node.op != "Constant" or node.domain not in ("", "ai.onnx", None):
+                continue
+            value = node.attrs.get("value")
+            out = node.outputs[0] if node.outputs else None
+            if not isinstance(value, gs.Constant) or out is None or is_graph_output(graph, out):
+                continue
+            const = gs.Constant(out.name, np.asarray(value.values))
+            for consumer in list(out.outputs):
+                for i, t in enumerate(consumer.inputs):
+                    if t is out:
+                        consumer.inputs[i] = const
+            node.outputs.clear()
+            modified = True
+        return PassResult(modified)

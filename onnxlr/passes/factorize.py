@@ -1,0 +1,147 @@
+"""The factorise pass: match candidate layers, check, decompose, rewrite.
+
+For each Gemm/MatMul/Conv: find the site (or the reason there is none), pick
+the method for its kind, the ranks from the rank rule (or the layer's own
+override), refuse ranks that do not save both parameters and MACs, decompose
+(cached, so re-running with some layers reverted costs nothing) and emit the
+replacement nodes. Every candidate yields a :class:`LayerRecord`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import onnx_graphsurgeon as gs
+
+from onnxlr.graph import NameScope
+from onnxlr.methods import METHODS, Factors, Method
+from onnxlr.passes.base import Pass, PassResult
+from onnxlr.rank import RankSelector
+from onnxlr.records import DECLINED, FACTORISED, LayerRecord
+from onnxlr.sites import LayerSite, find_site
+
+logger = logging.getLogger(__name__)
+
+CANDIDATE_OPS = ("Gemm", "MatMul", "Conv")
+
+
+@dataclass
+class FactorizeConfig:
+    """What to factorise and how; see ``onnxlr.pipeline.optimize`` for the meaning of each field."""
+
+    methods: dict[str, str | None]
+    rank: RankSelector
+    rank_multiple: int = 1
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    layer_ranks: list[tuple[str, RankSelector]] = field(default_factory=list)
+    cp_max_seconds: float = 60.0
+
+    def rank_for(self, name: str) -> RankSelector:
+        for pattern, selector in self.layer_ranks:  # first match wins, like --include
+            if fnmatch.fnmatchcase(name, pattern):
+                return selector
+        return self.rank
+
+    def selected(self, name: str) -> str | None:
+        """None when the layer is selected, else why not."""
+        if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return "not matched by --include"
+        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+            return "excluded by --exclude"
+        return None
+
+
+class Factorize(Pass):
+    """Replace each selected layer by its factorised chain.
+
+    Args:
+        config: methods, rank rule, selection.
+        keep: layer names to leave as they are (reverted by a later check).
+        cache: factors by (layer, method, ranks), shared across runs.
+        progress: called with (index, total, layer name) before each candidate.
+    """
+
+    name = "factorize"
+
+    def __init__(self, config: FactorizeConfig, keep: dict[str, str] | None = None,
+                 cache: dict | None = None, progress: Callable | None = None):
+        self.config = config
+        self.keep = keep or {}
+        self.cache = cache if cache is not None else {}
+        self.progress = progress
+
+    def _method(self, name: str) -> Method:
+        if name == "cp":
+            return METHODS[name](max_seconds=self.config.cp_max_seconds)
+        return METHODS[name]()
+
+    def call(self, graph: gs.Graph) -> PassResult:
+        names = NameScope(graph)
+        candidates = [n for n in list(graph.nodes) if n.op in CANDIDATE_OPS and not n.domain]
+        records, modified = [], False
+        for i, node in enumerate(candidates):
+            if self.progress:
+                self.progress(i, len(candidates), node.name)
+            record = self._one(graph, node, names)
+            records.append(record)
+            modified |= record.status == FACTORISED
+        return PassResult(modified, records)
+
+    def _one(self, graph: gs.Graph, node: gs.Node, names: NameScope) -> LayerRecord:
+        record = LayerRecord(name=node.name, op=node.op)
+        site = find_site(node)
+        if isinstance(site, str):
+            record.reason = site
+            return record
+        record.kind = site.kind
+        record.weight_shape = tuple(int(d) for d in site.weight.shape)
+        record.params_before = record.params_after = site.params
+        record.macs_before = record.macs_after = site.macs
+        if not site.shapes_known:
+            record.extra["macs_note"] = "shapes unknown: MACs counted per position"
+        why_not = self.config.selected(node.name)
+        method_name = self.config.methods.get(site.kind)
+        if why_not is None and method_name is None:
+            why_not = f"no method selected for {site.kind} layers"
+        if why_not is None and node.name in self.keep:
+            why_not = self.keep[node.name]
+        if why_not:
+            record.reason = why_not
+            return record
+        method = self._method(method_name)
+        selector = self.config.rank_for(node.name)
+        record.method, record.rank_rule = method_name, selector.spec
+        t0 = time.perf_counter()
+        ranks = method.choose_ranks(site, selector, self.config.rank_multiple)
+        if isinstance(ranks, str):
+            record.reason = ranks
+            return record
+        record.ranks = tuple(int(r) for r in ranks)
+        params, macs = method.cost(site, ranks)
+        if params >= site.params or macs >= site.macs:
+            record.reason = (f"ranks {record.ranks} would not save work: params {params} vs "
+                             f"{site.params}, MACs {macs} vs {site.macs}")
+            return record
+        factors = self._factors(method, site, record.ranks)
+        method.build(graph, site, factors, names)
+        record.status, record.params_after, record.macs_after = FACTORISED, params, macs
+        record.weight_error = factors.weight_error
+        record.seconds = time.perf_counter() - t0
+        if factors.notes:
+            record.extra["notes"] = factors.notes
+        logger.info("%s: %s ranks %s, weight error %.4f", node.name, method_name, record.ranks,
+                    record.weight_error)
+        return record
+
+    def _factors(self, method: Method, site: LayerSite, ranks: tuple[int, ...]) -> Factors:
+        key = (site.name, method.name, ranks)
+        if key not in self.cache:
+            self.cache[key] = method.decompose(site, ranks)
+        return self.cache[key]
+
+
+__all__ = ["CANDIDATE_OPS", "DECLINED", "Factorize", "FactorizeConfig"]

@@ -1,0 +1,169 @@
+"""``optimize()``: prepare → factorise → verify (back off what breaks the bound) → provenance.
+
+The flow follows the house sketch: prepare passes (Constant weights to
+initializers, BatchNorm folding), the factorise pass, then an end-to-end check
+with ONNX Runtime on the same inputs. When the output error exceeds the bound,
+the layer that hurts most on its own is reverted and the check repeats, until
+the bound holds (``on_exceed="revert"``, the default) — or the result is
+handed back marked as failing (``on_exceed="fail"``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Callable
+
+import onnx
+
+from onnxlr import __version__
+from onnxlr.errors import OnnxlrError
+from onnxlr.graph import to_graph, to_model
+from onnxlr.io import check_model, load_model
+from onnxlr.methods import parse_method
+from onnxlr.passes.base import PassManager
+from onnxlr.passes.constants import ConstantsToInitializers
+from onnxlr.passes.factorize import Factorize, FactorizeConfig
+from onnxlr.passes.fold_bn import FoldBatchNorm
+from onnxlr.rank import parse_rank
+from onnxlr.records import FACTORISED, REVERTED, LayerRecord
+from onnxlr.report import Report
+
+logger = logging.getLogger(__name__)
+
+#: Default end-to-end bound: relative L2 error of every output, on the verification inputs.
+DEFAULT_MAX_ERROR = 0.05
+
+
+def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant weights → initializers, BatchNorm folded into Convs; nothing factorised."""
+    graph = to_graph(model)
+    PassManager([ConstantsToInitializers(), FoldBatchNorm()], max_steps=2)(graph)
+    return to_model(graph, model)
+
+
+def parse_layer_ranks(specs: list[str]) -> list[tuple[str, object]]:
+    """``['conv5*=16', 'fc?=energy:0.9']`` → [(glob, RankSelector)]."""
+    out = []
+    for spec in specs or []:
+        if "=" not in spec:
+            raise OnnxlrError(f"invalid --layer-rank {spec!r}: expected GLOB=RANK, e.g. 'conv5_*=16'")
+        glob, rank = spec.rsplit("=", 1)
+        out.append((glob, parse_rank(rank)))
+    return out
+
+
+class _Builder:
+    """Factorise the prepared model, optionally keeping some layers; factors are cached."""
+
+    def __init__(self, prepared: onnx.ModelProto, config: FactorizeConfig, progress):
+        self.prepared, self.config, self.progress = prepared, config, progress
+        self.cache: dict = {}
+
+    def __call__(self, keep: dict[str, str]) -> tuple[onnx.ModelProto, list[LayerRecord]]:
+        graph = to_graph(self.prepared)
+        result = Factorize(self.config, keep, self.cache, self.progress)(graph)
+        self.progress = None  # progress is worth showing for the first (slow) build only
+        return to_model(graph, self.prepared), result.records
+
+
+def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vbmf", *,
+             rank_multiple: int = 1, include: list[str] | None = None,
+             exclude: list[str] | None = None, layer_ranks: list[str] | None = None,
+             max_error: float | None = DEFAULT_MAX_ERROR, on_exceed: str = "revert",
+             verify: bool = True, input_shapes: dict | None = None, inputs: str | None = None,
+             batch: int = 1, seed: int = 0, cp_max_seconds: float = 60.0,
+             progress: Callable | None = None) -> tuple[onnx.ModelProto, Report]:
+    """Factorise a model's layers and check the result against the original.
+
+    Args:
+        model: a ModelProto or a path to a ``.onnx`` file.
+        method: method spec, e.g. ``auto``, ``tucker``, ``cp``, ``svd``, ``auto,conv=cp``.
+        rank: rank rule: ``32``, ``0.25``, ``energy:0.95`` or ``vbmf``.
+        rank_multiple: round ranks up to a multiple of this (8 or 16 suit most hardware).
+        include, exclude: node-name globs selecting the layers to factorise.
+        layer_ranks: ``GLOB=RANK`` overrides of the rank rule for matching layers.
+        max_error: bound on every output's relative L2 error (None: no bound).
+        on_exceed: ``revert`` backs off layers until the bound holds; ``fail``
+            returns the result with ``report.bound_met`` False.
+        verify: run original and result with ONNX Runtime (needed for a bound).
+        input_shapes: ``{input name: shape}`` for dynamic dims.
+        inputs: ``.npz`` of real inputs keyed by input name, instead of random ones.
+        batch: batch size for a dynamic leading dim of random inputs.
+        cp_max_seconds: time bound for one CP decomposition.
+
+    Returns:
+        The optimised model and a :class:`Report` of every candidate layer.
+    """
+    t0 = time.perf_counter()
+    if on_exceed not in ("revert", "fail"):
+        raise OnnxlrError(f"invalid on_exceed {on_exceed!r}: choose revert or fail")
+    if max_error is not None and not max_error > 0:
+        raise OnnxlrError(f"invalid --max-error {max_error}: must be > 0")
+    if max_error is not None and not verify:
+        raise OnnxlrError("--max-error needs verification: drop --no-verify or use --max-error none")
+    if rank_multiple < 1:
+        raise OnnxlrError(f"invalid --rank-multiple {rank_multiple}: must be >= 1")
+    source = model if isinstance(model, str) else None
+    original = load_model(model) if isinstance(model, str) else model
+    config = FactorizeConfig(methods=parse_method(method), rank=parse_rank(rank),
+                             rank_multiple=rank_multiple, include=list(include or []),
+                             exclude=list(exclude or []),
+                             layer_ranks=parse_layer_ranks(layer_ranks or []),
+                             cp_max_seconds=cp_max_seconds)
+    build = _Builder(prepare(original), config, progress)
+    keep: dict[str, str] = {}
+    result, records = build(keep)
+    report = Report(source=source, method=method, rank=rank, rank_multiple=rank_multiple,
+                    max_error=max_error, records=records)
+    if verify:
+        from onnxlr.verify import Verifier  # lazy: imports onnxruntime
+        verifier = Verifier(original, input_shapes=input_shapes, npz=inputs, batch=batch,
+                            seed=seed, max_error=max_error)
+        comparison = verifier.compare(result)
+        if max_error is not None and not comparison and on_exceed == "revert":
+            result, records, comparison = _back_off(build, verifier, records, comparison, keep)
+        report.records, report.comparison = records, comparison
+        report.verify_inputs = verifier.description
+    result = add_provenance(result, report)
+    check_model(result, what="optimised model")
+    report.seconds = time.perf_counter() - t0
+    return result, report
+
+
+def _back_off(build: _Builder, verifier, records, comparison, keep):
+    """Revert the layer that alone adds most output error until the bound holds."""
+    solo: dict[str, float] = {}
+    for rec in records:
+        if rec.status == FACTORISED:
+            others = {r.name: "measuring one layer alone" for r in records
+                      if r.status == FACTORISED and r.name != rec.name}
+            alone, _ = build({**keep, **others})
+            solo[rec.name] = verifier.compare(alone).worst_rel_l2
+    measured = dict(solo)
+    while not comparison and solo:
+        worst = max(solo, key=solo.get)
+        keep[worst] = (f"reverted: alone it adds output error {solo.pop(worst):.4g}; the model "
+                       f"missed --max-error {verifier.max_error:g} at {comparison.worst_rel_l2:.4g}")
+        result, records = build(keep)
+        comparison = verifier.compare(result)
+    for rec in records:
+        if rec.name in keep and keep[rec.name].startswith("reverted"):
+            rec.status = REVERTED
+            rec.reason = keep[rec.name]
+        rec.output_error = measured.get(rec.name, rec.output_error)
+    return result, records, comparison
+
+
+def add_provenance(model: onnx.ModelProto, report: Report) -> onnx.ModelProto:
+    """Record onnxlr's version, settings and per-layer ranks in ``metadata_props``."""
+    layers = {r.name: {"method": r.method, "ranks": list(r.ranks)}
+              for r in report.records if r.status == FACTORISED}
+    entries = {"onnxlr.version": __version__, "onnxlr.method": report.method,
+               "onnxlr.rank": report.rank, "onnxlr.layers": json.dumps(layers, sort_keys=True)}
+    kept = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+    return model
