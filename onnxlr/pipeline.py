@@ -104,13 +104,13 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
         raise OnnxlrError("--max-error needs verification: drop --no-verify or use --max-error none")
     if rank_multiple < 1:
         raise OnnxlrError(f"invalid --rank-multiple {rank_multiple}: must be >= 1")
-    source = model if isinstance(model, str) else None
-    original = load_model(model) if isinstance(model, str) else model
     config = FactorizeConfig(methods=parse_method(method), rank=parse_rank(rank),
                              rank_multiple=rank_multiple, include=list(include or []),
                              exclude=list(exclude or []),
                              layer_ranks=parse_layer_ranks(layer_ranks or []),
                              cp_max_seconds=cp_max_seconds)
+    source = model if isinstance(model, str) else None
+    original = load_model(model) if isinstance(model, str) else model
     build = _Builder(prepare(original), config, progress)
     keep: dict[str, str] = {}
     result, records = build(keep)
@@ -124,6 +124,7 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
         if max_error is not None and not comparison and on_exceed == "revert":
             result, records, comparison = _back_off(build, verifier, records, comparison, keep)
         report.records, report.comparison = records, comparison
+        report.accuracy = verifier.accuracies(result)
         report.verify_inputs = verifier.description
     result = add_provenance(result, report)
     check_model(result, what="optimised model")

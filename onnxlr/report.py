@@ -38,6 +38,7 @@ class Report:
     records: list[LayerRecord] = field(default_factory=list)
     comparison: Any = None            # runtime.Comparison, or None when not verified
     verify_inputs: str | None = None
+    accuracy: tuple[float, float] | None = None   # (original, optimised) on labelled inputs
     seconds: float = 0.0
 
     # totals over candidate layers (MACs of other ops are not counted)
@@ -88,6 +89,8 @@ class Report:
                 "params_ratio": _ratio(self.params_after, self.params_before),
                 "macs_ratio": _ratio(self.macs_after, self.macs_before),
                 "output_error": self.output_error, "bound_met": self.bound_met,
+                "accuracy_before": None if self.accuracy is None else self.accuracy[0],
+                "accuracy_after": None if self.accuracy is None else self.accuracy[1],
                 "seconds": round(self.seconds, 3),
             },
             "verification": None if self.comparison is None else {
@@ -132,6 +135,9 @@ class Report:
                 top1 = "" if o.top1_agreement is None else f", top-1 agreement {o.top1_agreement:.3f}"
                 lines.append(f"output '{o.name}': rel. L2 error {o.rel_l2:.4g}, max abs "
                              f"{o.max_abs:.4g}, cosine {o.cosine:.5f}{top1}")
+            if self.accuracy is not None:
+                lines.append(f"accuracy on the labelled inputs: {self.accuracy[0]:.4f} → "
+                             f"{self.accuracy[1]:.4f}")
             if self.max_error is not None:
                 lines.append(f"bound --max-error {self.max_error:g}: "
                              f"{'met' if self.bound_met else 'EXCEEDED'}")

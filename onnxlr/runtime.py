@@ -1,0 +1,506 @@
+"""ONNX Runtime room: make feeds, build sessions, compare outputs, time models.
+
+onnxlr only trusts a factorised model once ONNX Runtime has run it next to the
+original on the same inputs, so everything that touches ORT lives here, behind a
+few small functions. ``onnxruntime`` is imported lazily (inside functions) so
+that ``onnxlr inspect`` works without it installed. Latency is measured with
+the sessions interleaved (A, B, A, B, ...) so that drift of the machine (clock
+boost, thermal throttling, noisy neighbours) hits every model alike.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+from google.protobuf import message
+
+from onnxlr.errors import OnnxlrError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Comparison", "LatencyComparison", "LatencyStats", "OutputComparison",
+    "compare_outputs", "interleaved_latency", "make_inputs", "make_session",
+    "parse_input_shapes", "providers_for", "run", "session_options",
+]
+
+_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+               "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+_INT_HIGH = 4  # random integer feeds are drawn from [0, _INT_HIGH): valid indices for tiny tables
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise OnnxlrError(
+            "onnxruntime is not installed: pip install 'onnxlr[cpu]' (or 'onnxlr[gpu]')") from None
+    return onnxruntime
+
+
+def _ort_message(exc: BaseException) -> str:
+    """First line of an ORT error, without the ``[ONNXRuntimeError] : 1 : FAIL :`` prefix."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if text.startswith("[ONNXRuntimeError]"):
+        text = text.split(" : ", 3)[-1]
+    return text
+
+
+def _is_ort_error(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith("onnxruntime")
+
+
+def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
+    """Parse ``--input-shape`` values such as ``"input:1x3x224x224"``.
+
+    Args:
+        specs: strings ``NAME:D0xD1x...`` with positive integer dims; the name
+            may itself contain ``:`` (the last one separates the dims).
+
+    Returns:
+        Input name to shape.
+
+    Raises:
+        OnnxlrError: a malformed spec or a name given twice.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+            if any(d <= 0 for d in shape):
+                raise ValueError
+        except ValueError:
+            raise OnnxlrError(f"bad input shape {spec!r}: expected NAME:DIMS "
+                              "such as input:1x3x224x224") from None
+        if name in shapes:
+            raise OnnxlrError(f"input shape for {name!r} given twice ({spec!r})")
+        shapes[name] = shape
+    return shapes
+
+
+def _feedable_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {t.name for t in model.graph.initializer}
+    return [v for v in model.graph.input if v.name not in inits]
+
+
+def _resolve_shape(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None,
+                   batch: int) -> tuple[int, ...]:
+    tt = vi.type.tensor_type
+    dims = list(tt.shape.dim) if tt.HasField("shape") else None
+    if given is not None:
+        if dims is not None and len(dims) != len(given):
+            raise OnnxlrError(f"input {vi.name!r} has rank {len(dims)} "
+                              f"but --input-shape gives {len(given)} dims")
+        for axis, (d, g) in enumerate(zip(dims or [], given)):
+            if d.HasField("dim_value") and d.dim_value != g:
+                raise OnnxlrError(f"input {vi.name!r} has fixed dim {d.dim_value} at axis {axis}, "
+                                  f"but --input-shape gives {g}")
+        return given
+    if dims is None:
+        raise OnnxlrError(f"input {vi.name!r} has no shape in the model: "
+                          f"give --input-shape {vi.name}:DIMS")
+    shape: list[int] = []
+    for axis, d in enumerate(dims):
+        if d.HasField("dim_value") and d.dim_value > 0:
+            shape.append(d.dim_value)
+        elif axis == 0:
+            shape.append(batch)
+        else:
+            label = d.dim_param or "?"
+            hint = "x".join(str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0
+                            else (str(batch) if i == 0 else f"<{x.dim_param or '?'}>")
+                            for i, x in enumerate(dims))
+            raise OnnxlrError(f"input {vi.name!r} has dynamic dim {label!r} at axis {axis}: "
+                              f"give --input-shape {vi.name}:{hint}")
+    return tuple(shape)
+
+
+def _np_dtype(vi: onnx.ValueInfoProto) -> np.dtype:
+    if not vi.type.HasField("tensor_type"):
+        raise OnnxlrError(f"input {vi.name!r} is not a tensor; onnxlr can only feed tensor inputs")
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+    except (KeyError, TypeError, ValueError):
+        dtype = onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type)
+        raise OnnxlrError(f"input {vi.name!r} has unsupported dtype {dtype}") from None
+
+
+def _random(rng: np.random.Generator, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind in "iu":
+        return rng.integers(0, _INT_HIGH, size=shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.random(shape) < 0.5
+    raise OnnxlrError(f"input {name!r} has dtype {dtype} that onnxlr cannot generate: "
+                      "pass --inputs FILE.npz")
+
+
+def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None, *,
+                batch: int = 1, seed: int = 0, npz: str | None = None) -> dict[str, np.ndarray]:
+    """Feeds for the graph inputs that are not initializers.
+
+    Args:
+        model: the model (external data need not be loaded; only inputs are read).
+        shapes: shapes per input name (from :func:`parse_input_shapes`); these win.
+        batch: value for an unknown leading (batch) dim.
+        seed: seed for the random feeds. Floats are standard normal, integers are
+            drawn from ``[0, 4)``, bools are fair coin flips.
+        npz: optional ``.npz`` file with one array per input name; used instead
+            of random data (dtype, rank and fixed dims are checked).
+
+    Returns:
+        Input name to array, in graph input order.
+
+    Raises:
+        OnnxlrError: unknown input names in ``shapes``, an unknown non-batch dim,
+            or a bad/incomplete ``npz``.
+    """
+    shapes = dict(shapes or {})
+    inputs = _feedable_inputs(model)
+    names = [v.name for v in inputs]
+    unknown = sorted(set(shapes) - set(names))
+    if unknown:
+        raise OnnxlrError(f"--input-shape names unknown input(s) {', '.join(map(repr, unknown))}; "
+                          f"model inputs: {', '.join(names) or '(none)'}")
+    if npz is not None:
+        return _load_npz(npz, inputs, shapes)
+    rng = np.random.default_rng(seed)
+    return {v.name: _random(rng, v.name, _np_dtype(v), _resolve_shape(v, shapes.get(v.name), batch))
+            for v in inputs}
+
+
+def _load_npz(path: str, inputs: list[onnx.ValueInfoProto],
+              shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise OnnxlrError(f"cannot read inputs file {path}: {exc}") from None
+    missing = [v.name for v in inputs if v.name not in arrays]
+    if missing:
+        raise OnnxlrError(f"inputs file {path} lacks array(s) for input(s) "
+                          f"{', '.join(map(repr, missing))}; it has {', '.join(arrays) or '(none)'}")
+    feeds: dict[str, np.ndarray] = {}
+    for v in inputs:
+        arr, dtype = arrays[v.name], _np_dtype(v)
+        if arr.dtype != dtype:
+            raise OnnxlrError(f"inputs file {path}: {v.name!r} is {arr.dtype} "
+                              f"but the model expects {dtype}")
+        if v.name in shapes and tuple(arr.shape) != shapes[v.name]:
+            raise OnnxlrError(f"inputs file {path}: {v.name!r} has shape {arr.shape}, "
+                              f"--input-shape says {shapes[v.name]}")
+        tt = v.type.tensor_type
+        if tt.HasField("shape"):
+            dims = tt.shape.dim
+            if arr.ndim != len(dims):
+                raise OnnxlrError(f"inputs file {path}: {v.name!r} has rank {arr.ndim}, "
+                                  f"the model expects {len(dims)}")
+            for axis, (d, n) in enumerate(zip(dims, arr.shape)):
+                if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != n:
+                    raise OnnxlrError(f"inputs file {path}: {v.name!r} has {n} at axis {axis}, "
+                                      f"the model expects {d.dim_value}")
+        feeds[v.name] = arr
+    extra = sorted(set(arrays) - set(feeds))
+    if extra:
+        logger.warning("inputs file %s: ignoring arrays that are not model inputs: %s",
+                       path, ", ".join(extra))
+    return feeds
+
+
+def providers_for(name: str) -> list:
+    """Execution providers for ``cpu``, ``cuda`` or ``tensorrt``, most preferred first.
+
+    GPU choices keep fallbacks (CUDA, CPU) for nodes the first provider cannot run.
+
+    Raises:
+        OnnxlrError: unknown name, or the provider is not in this ORT build.
+    """
+    key = name.lower()
+    if key not in _PROVIDERS:
+        raise OnnxlrError(f"unknown provider {name!r}: choose one of {', '.join(_PROVIDERS)}")
+    providers = _PROVIDERS[key]
+    available = _ort().get_available_providers()
+    if providers[0] not in available:
+        raise OnnxlrError(f"provider {name!r} needs {providers[0]}, which this onnxruntime "
+                          f"does not have (available: {', '.join(available)}): "
+                          "pip install 'onnxlr[gpu]'")
+    return list(providers)
+
+
+def session_options(threads: int | None = None, opt_level: str = "all") -> Any:
+    """``ort.SessionOptions`` with ``threads`` intra-op threads and a graph optimisation level.
+
+    Args:
+        threads: intra-op thread count; ``None`` lets ORT choose.
+        opt_level: ``disable``, ``basic``, ``extended`` or ``all``.
+    """
+    ort = _ort()
+    if opt_level not in _OPT_LEVELS:
+        raise OnnxlrError(f"unknown optimisation level {opt_level!r}: "
+                          f"choose one of {', '.join(_OPT_LEVELS)}")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[opt_level])
+    if threads is not None:
+        if threads < 1:
+            raise OnnxlrError(f"--threads must be at least 1, got {threads}")
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3  # errors only: ORT warnings would drown onnxlr's own output
+    return opts
+
+
+def make_session(model: onnx.ModelProto | str | bytes | os.PathLike, *, provider: str = "cpu",
+                 threads: int | None = None, opt_level: str = "all") -> Any:
+    """An ``ort.InferenceSession`` for a model.
+
+    Args:
+        model: a ModelProto (serialised here; must be under 2 GB), serialised
+            bytes, or a path (needed for >2 GB models with external data).
+        provider: see :func:`providers_for`.
+        threads: see :func:`session_options`.
+        opt_level: see :func:`session_options`.
+
+    Raises:
+        OnnxlrError: ORT cannot load the model (e.g. unknown op or domain), or
+            the requested provider silently fell back to another one.
+    """
+    providers = providers_for(provider)
+    opts = session_options(threads, opt_level)
+    if isinstance(model, onnx.ModelProto):
+        what = f"model {model.graph.name or '(unnamed)'!r}"
+        try:
+            source = model.SerializeToString()
+        except (ValueError, message.Error):  # protobuf refuses messages over 2 GB (EncodeError)
+            raise OnnxlrError(
+                f"{what} is over 2 GB: save it with external data and pass the path") from None
+    elif isinstance(model, (bytes, bytearray)):
+        what, source = "model bytes", bytes(model)
+    else:
+        source = os.fspath(model)
+        what = f"model {source}"
+        if not os.path.isfile(source):
+            raise OnnxlrError(f"model file {source} does not exist")
+    try:
+        session = _ort().InferenceSession(source, sess_options=opts, providers=providers)
+    except Exception as exc:  # ORT raises its own pybind11 exception types
+        if not _is_ort_error(exc):
+            raise
+        raise OnnxlrError(f"onnxruntime cannot load {what}: {_ort_message(exc)}") from None
+    if session.get_providers()[0] != providers[0]:
+        raise OnnxlrError(f"onnxruntime could not start {providers[0]} for {what} "
+                          f"(it fell back to {session.get_providers()[0]}): check the GPU libraries")
+    return session
+
+
+def _runner(session: Any, feeds: dict[str, np.ndarray]) -> Callable[[], list]:
+    """A zero-argument callable running ``session`` on ``feeds`` (the place for I/O binding later)."""
+    return lambda: session.run(None, feeds)
+
+
+def run(session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a session; returns output name to array.
+
+    Raises:
+        OnnxlrError: ORT rejects the feeds or fails while running.
+    """
+    names = [o.name for o in session.get_outputs()]
+    try:
+        values = _runner(session, feeds)()
+    except Exception as exc:
+        if not _is_ort_error(exc):
+            raise
+        raise OnnxlrError(f"onnxruntime failed to run the model: {_ort_message(exc)}") from None
+    return dict(zip(names, (np.asarray(v) for v in values)))
+
+
+@dataclass
+class OutputComparison:
+    """Error of one candidate output against the reference.
+
+    For float outputs ``rel_l2 = ||a-b|| / ||a||`` (float64; the plain ``||b||``
+    when the reference is all zeros), ``cosine`` of the flattened arrays (1.0
+    when both are zero, 0.0 when one is) and ``max_abs = max|a-b|``; any
+    non-finite mismatch gives ``inf`` errors and cosine 0.0. For non-float
+    outputs (labels, strings) ``rel_l2`` is the fraction of mismatching
+    elements, ``cosine = 1 - rel_l2`` and ``max_abs`` is ``max|a-b|`` (1.0/0.0
+    for strings). ``top1_agreement`` is the fraction of rows with the same
+    argmax, only for float outputs shaped like class scores ``[N, C]``, C > 1
+    (size-1 dims after the first are ignored); otherwise ``None``.
+    """
+
+    name: str
+    rel_l2: float
+    max_abs: float
+    cosine: float
+    top1_agreement: float | None
+
+
+@dataclass
+class Comparison:
+    """Per-output errors and the bound (``max_error``) they were checked against."""
+
+    outputs: list[OutputComparison]
+    max_error: float | None
+
+    @property
+    def worst_rel_l2(self) -> float:
+        """Largest ``rel_l2`` over the outputs (0.0 when there are none)."""
+        return max((o.rel_l2 for o in self.outputs), default=0.0)
+
+    def __bool__(self) -> bool:
+        """True when there is no bound or every output's ``rel_l2`` is within it (NaN fails)."""
+        if self.max_error is None:
+            return True
+        return all(o.rel_l2 <= self.max_error for o in self.outputs)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (floats may be ``inf``)."""
+        return {"max_error": self.max_error, "worst_rel_l2": self.worst_rel_l2, "passed": bool(self),
+                "outputs": [asdict(o) for o in self.outputs]}
+
+
+def _class_rows(a: np.ndarray) -> np.ndarray | None:
+    if a.dtype.kind != "f" or a.ndim < 2:
+        return None
+    rest = [d for d in a.shape[1:] if d != 1]
+    if len(rest) != 1 or rest[0] < 2:
+        return None
+    return a.reshape(a.shape[0], rest[0])
+
+
+def _compare_one(name: str, a: np.ndarray, b: np.ndarray) -> OutputComparison:
+    if a.dtype.kind != "f" or b.dtype.kind != "f":
+        mismatch = a != b
+        frac = float(np.mean(mismatch)) if a.size else 0.0
+        if a.dtype.kind in "biuf" and b.dtype.kind in "biuf":
+            max_abs = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
+        else:
+            max_abs = float(bool(np.any(mismatch)))
+        return OutputComparison(name, frac, max_abs, 1.0 - frac, None)
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    rows_a, rows_b = _class_rows(a), _class_rows(b)
+    top1 = None
+    if rows_a is not None and rows_b is not None and rows_a.shape[0] > 0:
+        top1 = float(np.mean(np.argmax(rows_a, axis=1) == np.argmax(rows_b, axis=1)))
+    if not (np.all(np.isfinite(a64)) and np.all(np.isfinite(b64))):
+        if np.array_equal(a64, b64, equal_nan=True):
+            return OutputComparison(name, 0.0, 0.0, 1.0, top1)
+        return OutputComparison(name, math.inf, math.inf, 0.0, top1)
+    diff = a64 - b64
+    na, nb, nd = (float(np.linalg.norm(x)) for x in (a64, b64, diff))
+    rel = nd / na if na > 0 else nd
+    if na == 0 or nb == 0:
+        cosine = 1.0 if na == nb else 0.0
+    else:
+        cosine = float(np.dot(a64, b64)) / (na * nb)
+    max_abs = float(np.max(np.abs(diff), initial=0.0))
+    return OutputComparison(name, rel, max_abs, min(1.0, max(-1.0, cosine)), top1)
+
+
+def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
+                    max_error: float | None = None) -> Comparison:
+    """Compare every reference output with the candidate's output of the same name.
+
+    Args:
+        reference: outputs of the original model (from :func:`run`).
+        candidate: outputs of the factorised model.
+        max_error: bound on each output's ``rel_l2``; ``None`` checks nothing.
+
+    Raises:
+        OnnxlrError: the candidate lacks an output or its shape differs.
+    """
+    outputs = []
+    for name, ref in reference.items():
+        if name not in candidate:
+            raise OnnxlrError(f"candidate model has no output {name!r} "
+                              f"(it has {', '.join(candidate) or 'none'})")
+        a, b = np.asarray(ref), np.asarray(candidate[name])
+        if a.shape != b.shape:
+            raise OnnxlrError(f"output {name!r} has shape {b.shape} in the candidate "
+                              f"but {a.shape} in the reference")
+        outputs.append(_compare_one(name, a, b))
+    return Comparison(outputs, max_error)
+
+
+@dataclass
+class LatencyStats:
+    """Latency of one model over the timed rounds, in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    iterations: int
+
+
+@dataclass
+class LatencyComparison:
+    """Latencies of several models timed together.
+
+    Attributes:
+        stats: one per session, in the order given.
+        speedups: per session, the median over rounds of ``t_first / t_i``
+            (so the first is 1.0 and >1 means faster than the first).
+    """
+
+    stats: list[LatencyStats]
+    speedups: list[float]
+
+
+def interleaved_latency(sessions: list, feeds: dict | list[dict], *, warmup: int = 5,
+                        iterations: int = 50, max_seconds: float | None = None) -> LatencyComparison:
+    """Time sessions round-robin (A, B, C, A, B, C, ...) so machine drift cancels.
+
+    Args:
+        sessions: ORT sessions to time.
+        feeds: one feed dict for all sessions, or one per session.
+        warmup: untimed runs per session before timing.
+        iterations: timed rounds (each round runs every session once).
+        max_seconds: stop after this much timed wall time, but only once at
+            least 5 rounds (or ``iterations``, if fewer) are done.
+
+    Raises:
+        OnnxlrError: no sessions, a feeds list of the wrong length, or ``iterations < 1``.
+    """
+    if not sessions:
+        raise OnnxlrError("no sessions to time")
+    feed_list = list(feeds) if isinstance(feeds, (list, tuple)) else [feeds] * len(sessions)
+    if len(feed_list) != len(sessions):
+        raise OnnxlrError(f"got {len(feed_list)} feed dicts for {len(sessions)} sessions")
+    if iterations < 1:
+        raise OnnxlrError(f"iterations must be at least 1, got {iterations}")
+    runners = [_runner(s, f) for s, f in zip(sessions, feed_list)]
+    for runner in runners:
+        for _ in range(max(0, warmup)):
+            runner()
+    times = np.empty((iterations, len(runners)))
+    start, rounds = time.perf_counter(), 0
+    for r in range(iterations):
+        for i, runner in enumerate(runners):
+            t0 = time.perf_counter()
+            runner()
+            times[r, i] = time.perf_counter() - t0
+        rounds = r + 1
+        if max_seconds is not None and rounds >= 5 and time.perf_counter() - start > max_seconds:
+            break
+    times = times[:rounds] * 1e3
+    logger.debug("timed %d rounds of %d sessions", rounds, len(runners))
+    stats = [LatencyStats(float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)),
+                          float(np.mean(t)), rounds) for t in times.T]
+    speedups = [float(np.median(times[:, 0] / np.maximum(times[:, i], 1e-9)))
+                for i in range(len(runners))]
+    return LatencyComparison(stats, speedups)
