@@ -1,4 +1,4 @@
-"""Command line: ``onnxlr optimize | inspect``. Thin: parse, call, print.
+"""Command line: ``onnxlr optimize | inspect | bench``. Thin: parse, call, print.
 
 User errors (:class:`OnnxlrError`) become one line on stderr and a non-zero
 exit code; anything else is a bug and keeps its traceback.
@@ -73,7 +73,36 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--rules", default="vbmf,energy:0.95,0.25",
                    help="comma list of rank rules to show (default vbmf,energy:0.95,0.25)")
+    p = sub.add_parser("bench", help="ONNX Runtime latency of models, interleaved A B A B, "
+                                      "speed-up vs the first")
+    p.add_argument("models", nargs="+", help=".onnx files; the first is the baseline")
+    p.add_argument("--provider", default="cpu", help="cpu | cuda | tensorrt (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ORT's)")
+    p.add_argument("--batch", type=int, default=1, help="batch size for a dynamic leading dim")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224")
+    p.add_argument("--inputs", metavar="NPZ", help=".npz of real inputs keyed by input name")
+    p.add_argument("--opt-level", default="all", help="disable | basic | extended | all")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iterations", type=int, default=100, help="interleaved rounds")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop early after this long")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="also write the result as Markdown")
     return parser
+
+
+def cmd_bench(args) -> int:
+    from onnxlr.benchmark import benchmark
+    from onnxlr.runtime import parse_input_shapes
+
+    result = benchmark(args.models, provider=args.provider, threads=args.threads,
+                       batch=args.batch, input_shapes=parse_input_shapes(args.input_shape) or None,
+                       opt_level=args.opt_level, warmup=args.warmup, iterations=args.iterations,
+                       max_seconds=args.max_seconds, inputs=args.inputs)
+    print(result.to_text())
+    for path, text in ((args.json, result.to_json), (args.markdown, result.to_markdown)):
+        if path:
+            _write_text(Path(path), text(), protect=args.models)
+    return 0
 
 
 def _progress(i: int, total: int, name: str) -> None:
@@ -152,9 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "optimize":
-            return cmd_optimize(args)
-        return cmd_inspect(args)
+        commands = {"optimize": cmd_optimize, "inspect": cmd_inspect, "bench": cmd_bench}
+        return commands[args.command](args)
     except OnnxlrError as exc:
         print(f"onnxlr: error: {exc}", file=sys.stderr)
         return exc.exit_code

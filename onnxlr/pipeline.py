@@ -134,6 +134,7 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
 
 def _back_off(build: _Builder, verifier, records, comparison, keep):
     """Revert the layer that alone adds most output error until the bound holds."""
+    first = {r.name: r for r in records}
     solo: dict[str, float] = {}
     for rec in records:
         if rec.status == FACTORISED:
@@ -142,18 +143,22 @@ def _back_off(build: _Builder, verifier, records, comparison, keep):
             alone, _ = build({**keep, **others})
             solo[rec.name] = verifier.compare(alone).worst_rel_l2
     measured = dict(solo)
+    reverted: dict[str, str] = {}
     while not comparison and solo:
         worst = max(solo, key=solo.get)
-        keep[worst] = (f"reverted: alone it adds output error {solo.pop(worst):.4g}; the model "
-                       f"missed --max-error {verifier.max_error:g} at {comparison.worst_rel_l2:.4g}")
+        reverted[worst] = keep[worst] = (
+            f"alone it adds output error {solo.pop(worst):.4g}; the model missed --max-error "
+            f"{verifier.max_error:g} at {comparison.worst_rel_l2:.4g}")
         result, records = build(keep)
         comparison = verifier.compare(result)
+    final = []
     for rec in records:
-        if rec.name in keep and keep[rec.name].startswith("reverted"):
-            rec.status = REVERTED
-            rec.reason = keep[rec.name]
+        if rec.name in reverted:
+            rec = first[rec.name]  # keep the method, ranks and errors it had when tried
+            rec.status, rec.reason = REVERTED, reverted[rec.name]
         rec.output_error = measured.get(rec.name, rec.output_error)
-    return result, records, comparison
+        final.append(rec)
+    return result, final, comparison
 
 
 def add_provenance(model: onnx.ModelProto, report: Report) -> onnx.ModelProto:

@@ -108,9 +108,9 @@ class Report:
                 continue  # not a candidate at all (e.g. activation MatMul): listed in JSON only
             rows.append([
                 r.name, r.op, "x".join(map(str, r.weight_shape)), r.method or "-",
-                "x".join(map(str, r.ranks)) if r.ranks and r.status == FACTORISED else "-",
-                f"{human(r.params_before)}→{human(r.params_after)}",
-                f"{human(r.macs_before)}→{human(r.macs_after)}",
+                "x".join(map(str, r.ranks)) if r.ranks and r.weight_error is not None else "-",
+                f"{human(r.params_before)}→{human(r.params_after if r.factorised else r.params_before)}",
+                f"{human(r.macs_before)}→{human(r.macs_after if r.factorised else r.macs_before)}",
                 "-" if r.weight_error is None else f"{r.weight_error:.3f}",
                 "-" if r.output_error is None else f"{r.output_error:.3g}",
                 r.status if r.status == FACTORISED else f"{r.status}: {r.reason}",

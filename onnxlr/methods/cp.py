@@ -20,7 +20,6 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxlr.graph import NameScope
-from onnxlr.linalg.cp import cp_conv
 from onnxlr.methods.base import Factors, Method, bias_params, constant, detach, new_node, ones
 from onnxlr.methods.tucker import TuckerMethod, mode_ranks
 from onnxlr.rank import FixedRank, RankSelector
@@ -66,6 +65,7 @@ class CpMethod(Method):
         return params, macs
 
     def decompose(self, site: LayerSite, ranks) -> Factors:
+        from onnxlr.linalg.cp import cp_conv  # lazy: ALS machinery is only needed when used
         (r,) = ranks
         t0 = time.perf_counter()
         result = cp_conv(site.weight.astype(np.float64), r, max_iter=self.max_iter,
