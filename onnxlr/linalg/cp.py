@@ -1,0 +1,471 @@
+"""CP (canonical polyadic) decomposition of a conv kernel, for the CP conv chain.
+
+A conv kernel ``W`` of shape (T, S, k₁, …, k_d) is approximated by R rank-one terms
+
+    W[t, s, κ₁, …, κ_d] ≈ Σ_r A_out[t, r] · A_in[s, r] · Π_i A_i[κ_i, r],
+
+which turns the layer into a 1×1 conv (S→R), one depthwise conv per spatial
+axis and a 1×1 conv (R→T) (Lebedev et al. 2015, "Speeding-up Convolutional
+Neural Networks Using Fine-tuned CP-Decomposition", arXiv 1412.6553).
+
+Algorithm, chosen to bound time and memory on large kernels (tensorly issue
+#526: ``parafac(init='svd')`` on a 512×512×3×3 kernel tried to allocate TiBs,
+and plain ALS at rank 256 took ~400 s for 100 iterations):
+
+1. **Compression** (CANDELINC; Carroll, Pruzansky & Kruskal 1980; Bro &
+   Andersson 1998, "Improving the speed of multiway algorithms: Part II.
+   Compression"). A sequentially truncated HOSVD (Vannieuwenhoven, Vandebril &
+   Meerbergen 2012) gives orthonormal ``U_n`` with ranks
+   ``c_n = min(dim_n, R, Π_{m≠n} dim_m)`` and the core ``G = W ×_n U_nᵀ``.
+   A rank-R CP tensor has multilinear ranks ≤ R, so for it this step loses
+   nothing, and a CP of ``G`` maps to a CP of ``W`` by ``A_n = U_n B_n``.
+2. **CP-ALS on the core** (Carroll & Chang 1970; Harshman 1970; Kolda &
+   Bader 2009, "Tensor Decompositions and Applications", section 3.4). Each
+   factor in turn solves its normal equations
+   ``A_n V_n = M_n``, with ``V_n = ⊛_{m≠n} A_mᵀA_m`` (Hadamard product of Gram
+   matrices, R×R) and ``M_n`` the MTTKRP. The MTTKRP is never formed through
+   a Khatri–Rao product of all other factors: one GEMM contracts the largest
+   other mode, leaving (R × the rest), and the small modes are contracted
+   from that. Because that intermediate does not depend on the factor being
+   updated, one GEMM is shared by all modes but the largest (a two-level
+   dimension tree), so a sweep costs two GEMMs of ``size(W)·R`` flops.
+   Random initialisations (``n_restarts``, seeded) compete; the lowest
+   error wins.
+3. **Refinement**: the expanded factors are polished by a few ALS sweeps on
+   the full kernel, which removes the restriction to the HOSVD subspaces
+   (only when step 1 actually truncated something).
+
+Memory is O(size(W)·2 + size(W)/max_dim·R + (T + S + Σk)·R + R²); time is
+bounded by ``max_seconds``, checked after every sweep. The CP weights
+(λ) are absorbed into ``out_factor``; ``in_factor`` and ``spatial`` have unit
+columns; components are sorted by decreasing λ.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.linalg
+
+from onnxlr.linalg.svd import as_float64, leading_left_subspace
+from onnxlr.linalg.tucker import unfold
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CP", "cp_conv", "cp_to_tensor"]
+
+# Sweeps on the full kernel after the compressed fit; each costs as much as
+# (dims / compressed dims)² sweeps on the core, so only a few.
+_REFINE_SWEEPS = 10
+
+
+@dataclass
+class CP:
+    """Result of :func:`cp_conv`; ``W ≈ Σ_r out[:,r] ⊗ in[:,r] ⊗ spatial₁[:,r] ⊗ …``.
+
+    Attributes:
+        out_factor: (T, R) float64; carries the CP weights λ.
+        in_factor: (S, R) float64, unit-norm columns.
+        spatial: one (k_i, R) float64 factor per spatial axis, unit-norm columns.
+        rel_error: ``||W − Ŵ||_F / ||W||_F`` from the reconstruction.
+        iterations: ALS sweeps done in total (all restarts and refinement).
+        seconds: wall time of the whole call.
+    """
+
+    out_factor: np.ndarray
+    in_factor: np.ndarray
+    spatial: list[np.ndarray] = field(default_factory=list)
+    rel_error: float = 0.0
+    iterations: int = 0
+    seconds: float = 0.0
+
+    @property
+    def factors(self) -> list[np.ndarray]:
+        """All factors in kernel-mode order: out, in, spatial₁, …"""
+        return [self.out_factor, self.in_factor, *self.spatial]
+
+    def reconstruct(self) -> np.ndarray:
+        """The approximated kernel, (T, S, k₁, …, k_d)."""
+        return cp_to_tensor(self.factors)
+
+
+def _khatri_rao(mats: list[np.ndarray]) -> np.ndarray:
+    """Column-wise Kronecker product, first matrix varying slowest (C order)."""
+    rank = mats[0].shape[1]
+    out = np.ones((1, rank))
+    for m in mats:
+        out = (out[:, None, :] * m[None, :, :]).reshape(-1, rank)
+    return out
+
+
+def cp_to_tensor(factors: list[np.ndarray]) -> np.ndarray:
+    """Σ_r ⊗_n factors[n][:, r] as a dense tensor (one GEMM)."""
+    shape = tuple(f.shape[0] for f in factors)
+    return (factors[0] @ _khatri_rao(factors[1:]).T).reshape(shape)
+
+
+class _Diverged(ArithmeticError):
+    """An ALS update produced NaN or inf."""
+
+
+class _Als:
+    """CP-ALS on one dense tensor with a two-level dimension tree for the MTTKRPs.
+
+    ``lead`` is the largest mode. Its MTTKRP contracts the second largest mode
+    (``second``) with a GEMM first. All other MTTKRPs start from
+    ``Y = A_leadᵀ X_(lead)`` (R × the other dims), computed once per sweep right
+    after ``A_lead`` is updated.
+    """
+
+    def __init__(self, tensor: np.ndarray):
+        self.shape = tensor.shape
+        self.ndim = tensor.ndim
+        self.norm2 = float(np.vdot(tensor, tensor))
+        order = sorted(range(self.ndim), key=lambda n: -self.shape[n])
+        self.lead, self.second = order[0], order[1]
+        # Contiguous unfoldings so that both contractions are plain GEMMs; at
+        # most two copies of the tensor.
+        self.unf_lead = np.ascontiguousarray(unfold(tensor, self.lead))
+        self.unf_second = np.ascontiguousarray(unfold(tensor, self.second))
+        self.rest_lead = [m for m in range(self.ndim) if m != self.lead]
+        self.rest_second = [m for m in range(self.ndim) if m != self.second]
+        # update order: the lead mode first, so that Y serves all the others
+        self.order = [self.lead] + self.rest_lead
+
+    def _mttkrp_from(self, y: np.ndarray, modes: list[int], factors: list[np.ndarray],
+                     n: int) -> np.ndarray:
+        """Contract ``y`` (R, dims of ``modes``) with every factor but ``n``'s: (dim_n, R)."""
+        rank = y.shape[0]
+        r_label = self.ndim
+        operands: list = [y, [r_label] + modes]
+        for m in modes:
+            if m != n:
+                operands += [factors[m], [m, r_label]]
+        out = np.einsum(*operands, [n, r_label], optimize="greedy")
+        return out.reshape(self.shape[n], rank)
+
+    @staticmethod
+    def _solve(gram: np.ndarray, mttkrp: np.ndarray) -> np.ndarray:
+        """``A = M V⁻¹`` for SPD ``V``; least squares when V is (numerically) singular."""
+        rank = gram.shape[0]
+        # A tiny ridge keeps Cholesky alive for rank-deficient V (R larger
+        # than what the data supports) at a relative bias of ~1e-13.
+        ridge = 1e-13 * float(np.max(np.diag(gram), initial=0.0)) + 1e-300
+        try:
+            c = scipy.linalg.cho_factor(gram + ridge * np.eye(rank), check_finite=False)
+            out = scipy.linalg.cho_solve(c, mttkrp.T, check_finite=False).T
+        except np.linalg.LinAlgError:
+            out = np.linalg.lstsq(gram, mttkrp.T, rcond=None)[0].T
+        return out
+
+    def sweep(self, factors: list[np.ndarray], grams: list[np.ndarray]) -> tuple[np.ndarray, float]:
+        """One ALS sweep in place; returns (weights λ, squared residual estimate).
+
+        Factors are left with unit columns; λ holds the scale of the last
+        updated factor, so the model is ``[[λ; factors]]``.
+        """
+        y = None
+        weights = np.ones(factors[0].shape[1])
+        err2 = 0.0
+        for n in self.order:
+            if n == self.lead:
+                z = factors[self.second].T @ self.unf_second  # (R, other dims)
+                m_n = self._mttkrp_from(z.reshape((-1,) + tuple(self.shape[m] for m in self.rest_second)),
+                                        self.rest_second, factors, n)
+            else:
+                m_n = self._mttkrp_from(y, self.rest_lead, factors, n)
+            v_n = np.ones_like(grams[0])
+            for m in range(self.ndim):
+                if m != n:
+                    v_n *= grams[m]
+            a = self._solve(v_n, m_n)
+            if not np.all(np.isfinite(a)):
+                raise _Diverged(f"mode {n} update is not finite")
+            if n == self.order[-1]:
+                # ‖X − X̂‖² = ‖X‖² − 2⟨X, X̂⟩ + ‖X̂‖² with X̂ = [[a; others]]:
+                # ⟨X, X̂⟩ = Σ a∘M and ‖X̂‖² = Σ (aᵀa)∘V, both cheap.
+                err2 = self.norm2 - 2.0 * float(np.vdot(a, m_n)) + float(np.vdot(a.T @ a, v_n))
+            weights = np.linalg.norm(a, axis=0)
+            safe = np.where(weights > 0, weights, 1.0)
+            a /= safe
+            factors[n] = a
+            grams[n] = a.T @ a
+            if n == self.lead:
+                shape = (-1,) + tuple(self.shape[m] for m in self.rest_lead)
+                y = (a.T @ self.unf_lead).reshape(shape)
+        return weights, max(err2, 0.0)
+
+    def rel(self, err2: float) -> float:
+        return math.sqrt(err2 / self.norm2) if self.norm2 > 0 else 0.0
+
+    def residual2(self, factors: list[np.ndarray]) -> float:
+        """``‖X − [[factors]]‖²`` without forming the model: one GEMM and a small contraction."""
+        n = self.order[-1]
+        y = (factors[self.lead].T @ self.unf_lead).reshape(
+            (-1,) + tuple(self.shape[m] for m in self.rest_lead))
+        m_n = self._mttkrp_from(y, self.rest_lead, factors, n)
+        gram = np.ones((factors[0].shape[1],) * 2)
+        for f in factors:
+            gram *= f.T @ f
+        return max(self.norm2 - 2.0 * float(np.vdot(factors[n], m_n)) + float(gram.sum()), 0.0)
+
+    def _absorbed(self, factors: list[np.ndarray], weights: np.ndarray) -> list[np.ndarray]:
+        """The model as plain factors, λ folded into the last updated mode."""
+        out = list(factors)
+        out[self.order[-1]] = out[self.order[-1]] * weights
+        return out
+
+    def run(self, factors: list[np.ndarray], max_iter: int, tol: float, deadline: float,
+            ) -> tuple[list[np.ndarray], float, int]:
+        """ALS with line search until ``tol``, ``max_iter`` or ``deadline``.
+
+        Line search (Bro 1998, "Multi-way analysis in the food industry",
+        section 4.3; as in tensorly's ``parafac(linesearch=True)``): after each
+        sweep the step from the previous sweep is extrapolated by
+        ``sweep^(1/e)`` and kept when it lowers the error; a failed jump raises
+        ``e`` to make later jumps shorter. It shortens the long plateaus
+        ("swamps") of plain ALS, typical when R exceeds a kernel dimension.
+
+        Returns:
+            ``(factors, relative error estimate, sweeps done)`` for the best
+            state seen, λ absorbed into the factors.
+        """
+        norms = [np.linalg.norm(f, axis=0) for f in factors]
+        factors = [f / np.where(nm > 0, nm, 1.0) for f, nm in zip(factors, norms)]
+        grams = [f.T @ f for f in factors]
+        best_factors, best_rel = list(factors), math.inf
+        previous: list[np.ndarray] | None = None
+        prev_rel = math.inf
+        ls_exp = 3.0
+        done = 0
+        while done < max_iter:
+            try:
+                weights, err2 = self.sweep(factors, grams)
+            except _Diverged as exc:
+                # Keep the best finite state; the caller may try another start.
+                logger.warning("CP-ALS diverged after %d sweeps (%s); keeping the best state", done, exc)
+                break
+            done += 1
+            current = self._absorbed(factors, weights)
+            rel = self.rel(err2)
+            if previous is not None and done > 2:
+                jump = done ** (1.0 / ls_exp)
+                candidate = [p + jump * (c - p) for p, c in zip(previous, current)]
+                cand_rel = self.rel(self.residual2(candidate))
+                if cand_rel < rel:
+                    current, rel = candidate, cand_rel
+                    norms = [np.linalg.norm(f, axis=0) for f in candidate]
+                    factors[:] = [f / np.where(nm > 0, nm, 1.0) for f, nm in zip(candidate, norms)]
+                    # λ back into the last mode so the next sweep starts from the same model
+                    lam = np.prod(norms, axis=0)
+                    factors[self.order[-1]] = factors[self.order[-1]] * lam
+                    grams[:] = [f.T @ f for f in factors]
+                else:
+                    ls_exp += 1.0
+            if not math.isfinite(rel):
+                logger.warning("CP-ALS error became non-finite after %d sweeps", done)
+                break
+            if rel <= best_rel:
+                best_factors, best_rel = current, rel
+            previous = current
+            if abs(prev_rel - rel) < tol or time.perf_counter() >= deadline:
+                break
+            prev_rel = rel
+        return best_factors, best_rel, done
+
+
+def _compress(kernel: np.ndarray, rank: int) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """ST-HOSVD with ranks ``min(dim_n, R, Π other dims)``; ``None`` for an untouched mode."""
+    core = kernel
+    bases: list[np.ndarray | None] = [None] * kernel.ndim
+    # Largest modes first: each truncation shrinks the tensor the next Gram is built from.
+    for n in sorted(range(kernel.ndim), key=lambda m: -kernel.shape[m]):
+        dim = core.shape[n]
+        others = core.size // dim
+        c = min(dim, rank, others)
+        if c >= dim:
+            continue
+        u = leading_left_subspace(unfold(core, n), c)
+        bases[n] = u
+        core = np.moveaxis(np.tensordot(core, u, axes=([n], [0])), -1, n)
+    return np.ascontiguousarray(core), bases
+
+
+def _rank_one(tensor: np.ndarray, sweeps: int = 10) -> list[np.ndarray]:
+    """Best rank-one fit of a small tensor: HOSVD start, then a few power sweeps."""
+    if tensor.ndim == 1:
+        return [tensor.copy()]
+    vectors = [gram_eigh_top(unfold(tensor, n)) for n in range(tensor.ndim)]
+    for _ in range(sweeps):
+        for n in range(tensor.ndim):
+            x = tensor
+            for m in reversed(range(tensor.ndim)):
+                if m != n:
+                    x = np.tensordot(x, vectors[m], axes=([m], [0]))
+            norm = np.linalg.norm(x)
+            vectors[n] = x / norm if norm > 0 else x
+    # the scale goes on the first vector
+    x = tensor
+    for m in reversed(range(1, tensor.ndim)):
+        x = np.tensordot(x, vectors[m], axes=([m], [0]))
+    vectors[0] = x
+    return vectors
+
+
+def gram_eigh_top(mat: np.ndarray) -> np.ndarray:
+    """Leading left singular vector of a small matrix."""
+    return np.linalg.eigh(mat @ mat.T)[1][:, -1]
+
+
+def _gevd_init(core: np.ndarray, rank: int, rng: np.random.Generator) -> list[np.ndarray] | None:
+    """Direct CP of the core by a generalised eigendecomposition, when R ≤ both channel dims.
+
+    With the channel modes compressed to exactly R, every spatial slice of the
+    core is ``G_κ = A diag(c_κ) Bᵀ`` with square A, B. Two random mixtures of
+    the slices, ``P = A D₁ Bᵀ`` and ``Q = A D₂ Bᵀ``, give ``P Q⁻¹ = A (D₁D₂⁻¹) A⁻¹``
+    and ``(Q⁻¹P)ᵀ = B (D₁D₂⁻¹) B⁻¹``: A and B are eigenvectors, paired by
+    eigenvalue (Leurgans, Ross & Abel 1993, "A decomposition for three-way
+    arrays"; Sanchez & Kowalski 1990). Exact for an exact CP tensor and a good
+    start otherwise; the spatial factors are rank-one fits of the
+    least-squares spatial columns. Returns None when not applicable or when
+    the eigenproblem is degenerate.
+    """
+    if core.shape[0] != rank or core.shape[1] != rank or core.ndim < 3:
+        return None
+    spatial_shape = core.shape[2:]
+    kk = math.prod(spatial_shape)
+    if kk < 2:
+        return None
+    slices = core.reshape(rank, rank, kk)
+    w = rng.standard_normal((kk, 2))
+    p, q = slices @ w[:, 0], slices @ w[:, 1]
+    try:
+        vals_a, vecs_a = np.linalg.eig(np.linalg.solve(q.T, p.T).T)   # P Q⁻¹
+        vals_b, vecs_b = np.linalg.eig(np.linalg.solve(q, p).T)       # (Q⁻¹P)ᵀ
+    except np.linalg.LinAlgError:
+        return None
+    # For a noisy (non-CP) core some eigenvalues come in complex pairs; the
+    # real parts still make a usable start for ALS.
+    a = np.real(vecs_a[:, np.argsort(np.real(vals_a), kind="stable")])
+    b = np.real(vecs_b[:, np.argsort(np.real(vals_b), kind="stable")])
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return None
+    mttkrp = np.einsum("ijk,ir,jr->kr", slices, a, b)
+    gram = (a.T @ a) * (b.T @ b)
+    try:
+        c = np.linalg.lstsq(gram, mttkrp.T, rcond=None)[0].T  # (K, R)
+    except np.linalg.LinAlgError:
+        return None
+    spatial: list[list[np.ndarray]] = [[] for _ in spatial_shape]
+    for r in range(rank):
+        for i, v in enumerate(_rank_one(c[:, r].reshape(spatial_shape))):
+            spatial[i].append(v)
+    factors = [a, b] + [np.stack(cols, axis=1) for cols in spatial]
+    if not all(np.all(np.isfinite(f)) for f in factors):
+        return None
+    return factors
+
+
+def _random_factors(shape: tuple[int, ...], rank: int, rng: np.random.Generator) -> list[np.ndarray]:
+    return [rng.standard_normal((dim, rank)) for dim in shape]
+
+
+def cp_conv(kernel: np.ndarray, rank: int, *, max_iter: int = 100, max_seconds: float = 60.0,
+            tol: float = 1e-7, n_restarts: int = 1, seed: int = 0) -> CP:
+    """Rank-R CP of a conv kernel with bounded time and memory.
+
+    Args:
+        kernel: (T, S, k₁, …, k_d), d = 1, 2 or 3.
+        rank: CP rank R >= 1 (may exceed any dimension).
+        max_iter: ALS sweeps per random start on the compressed core; the
+            refinement on the full kernel adds at most ``min(max_iter, 10)``.
+        max_seconds: wall-time budget for the whole call, checked after each
+            sweep (at least one sweep is always done); the best state so far is
+            returned when it runs out.
+        tol: stop a run when a sweep changes the relative error by less.
+        n_restarts: number of seeded random starts (>= 1); the best is kept.
+        seed: seed of the random starts; equal inputs give equal outputs.
+
+    Returns:
+        :class:`CP` with float64 factors, λ absorbed into ``out_factor``,
+        components sorted by decreasing λ.
+
+    Raises:
+        ValueError: bad kernel shape, ``rank < 1`` or ``n_restarts < 1``.
+        OnnxlrError: the kernel contains NaN or inf.
+    """
+    t0 = time.perf_counter()
+    deadline = t0 + max_seconds
+    kernel = as_float64(kernel, what="conv kernel")
+    if not 3 <= kernel.ndim <= 5:
+        raise ValueError(f"conv kernel must be (T, S, k1[, k2[, k3]]), got shape {kernel.shape}")
+    rank = int(rank)
+    if rank < 1:
+        raise ValueError(f"CP rank must be >= 1, got {rank}")
+    if n_restarts < 1:
+        raise ValueError(f"n_restarts must be >= 1, got {n_restarts}")
+    kernel = np.ascontiguousarray(kernel)
+    norm2 = float(np.vdot(kernel, kernel))
+    if norm2 == 0.0:
+        zeros = [np.zeros((d, rank)) for d in kernel.shape]
+        return CP(zeros[0], zeros[1], zeros[2:], 0.0, 0, time.perf_counter() - t0)
+
+    core, bases = _compress(kernel, rank)
+    compressed = any(b is not None for b in bases)
+    core_als = _Als(core)
+    rng = np.random.default_rng(seed)
+    best: tuple[list[np.ndarray], float] | None = None
+    iterations = 0
+    for start in range(n_restarts):
+        if start > 0 and time.perf_counter() >= deadline:
+            break
+        init = _gevd_init(core, rank, rng) if start == 0 else None
+        if init is None:
+            init = _random_factors(core.shape, rank, rng)
+        factors, rel, done = core_als.run(init, max_iter, tol, deadline)
+        iterations += done
+        logger.debug("CP start %d on core %s: %d sweeps, rel_error %.3g", start, core.shape, done, rel)
+        if best is None or rel < best[1]:
+            best = (factors, rel)
+    assert best is not None
+    factors = [f if b is None else b @ f for f, b in zip(best[0], bases)]
+
+    if compressed and time.perf_counter() < deadline:
+        full_als = _Als(kernel)
+        factors, _, done = full_als.run(factors, min(max_iter, _REFINE_SWEEPS), tol, deadline)
+        iterations += done
+
+    result = _finalise(factors, kernel, norm2)
+    result.iterations = iterations
+    result.seconds = time.perf_counter() - t0
+    logger.debug("cp_conv %s rank %d: %d sweeps, %.2f s, rel_error %.3g",
+                 kernel.shape, rank, iterations, result.seconds, result.rel_error)
+    return result
+
+
+def _finalise(factors: list[np.ndarray], kernel: np.ndarray, norm2: float) -> CP:
+    """Normalise, order and sign-fix the factors and measure the true error."""
+    factors = [np.array(f, dtype=np.float64) for f in factors]
+    scale = np.ones(factors[0].shape[1])
+    for n in range(1, len(factors)):
+        norms = np.linalg.norm(factors[n], axis=0)
+        safe = np.where(norms > 0, norms, 1.0)
+        factors[n] /= safe
+        scale *= safe
+        # sign convention: largest-magnitude entry of each unit factor positive,
+        # the sign moves to out_factor (the product is unchanged)
+        pivot = factors[n][np.argmax(np.abs(factors[n]), axis=0), np.arange(factors[n].shape[1])]
+        signs = np.where(pivot < 0, -1.0, 1.0)
+        factors[n] *= signs
+        scale *= signs
+    factors[0] = factors[0] * scale
+    order = np.argsort(-np.linalg.norm(factors[0], axis=0), kind="stable")
+    factors = [f[:, order] for f in factors]
+    diff = kernel - cp_to_tensor(factors)
+    rel = math.sqrt(float(np.vdot(diff, diff)) / norm2)
+    if not math.isfinite(rel):
+        raise ArithmeticError("CP result is not finite")  # cannot happen: every kept state is finite
+    return CP(out_factor=factors[0], in_factor=factors[1], spatial=factors[2:], rel_error=rel)
