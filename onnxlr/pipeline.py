@@ -133,28 +133,39 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
 
 
 def _back_off(build: _Builder, verifier, records, comparison, keep):
-    """Revert the layer that alone adds most output error until the bound holds."""
+    """Grow the ranks of the layer that alone adds most output error (×2 each time), or revert
+    it once bigger ranks stop saving work, until the bound holds."""
     first = {r.name: r for r in records}
-    solo: dict[str, float] = {}
-    for rec in records:
-        if rec.status == FACTORISED:
-            others = {r.name: "measuring one layer alone" for r in records
-                      if r.status == FACTORISED and r.name != rec.name}
-            alone, _ = build({**keep, **others})
-            solo[rec.name] = verifier.compare(alone).worst_rel_l2
+
+    def alone(name: str) -> tuple[float | None, LayerRecord]:
+        others = {r.name: "measuring one layer alone" for r in records
+                  if r.status == FACTORISED and r.name != name}
+        model, recs = build({**keep, **others})
+        rec = next(r for r in recs if r.name == name)
+        return (verifier.compare(model).worst_rel_l2 if rec.status == FACTORISED else None), rec
+
+    solo = {r.name: alone(r.name)[0] for r in records if r.status == FACTORISED}
     measured = dict(solo)
     reverted: dict[str, str] = {}
+    scale = build.config.rank_scale
     while not comparison and solo:
         worst = max(solo, key=solo.get)
-        reverted[worst] = keep[worst] = (
-            f"alone it adds output error {solo.pop(worst):.4g}; the model missed --max-error "
-            f"{verifier.max_error:g} at {comparison.worst_rel_l2:.4g}")
+        scale[worst] = scale.get(worst, 1.0) * 2
+        error, rec = alone(worst)
+        if rec.ranks is not None:
+            first[worst] = rec  # report the ranks last tried, not the first ones
+        if error is None:  # bigger ranks would not save anything: give the layer back
+            reverted[worst] = keep[worst] = (
+                f"alone it adds output error {solo.pop(worst):.4g} at its largest saving ranks; "
+                f"the model missed --max-error {verifier.max_error:g}")
+        else:
+            solo[worst] = measured[worst] = error
         result, records = build(keep)
         comparison = verifier.compare(result)
     final = []
     for rec in records:
         if rec.name in reverted:
-            rec = first[rec.name]  # keep the method, ranks and errors it had when tried
+            rec = first[rec.name]  # keep the method, ranks and errors of its last try
             rec.status, rec.reason = REVERTED, reverted[rec.name]
         rec.output_error = measured.get(rec.name, rec.output_error)
         final.append(rec)

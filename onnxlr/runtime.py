@@ -215,7 +215,7 @@ def _load_npz(path: str, inputs: list[onnx.ValueInfoProto],
                     raise OnnxlrError(f"inputs file {path}: {v.name!r} has {n} at axis {axis}, "
                                       f"the model expects {d.dim_value}")
         feeds[v.name] = arr
-    extra = sorted(set(arrays) - set(feeds))
+    extra = sorted(set(arrays) - set(feeds) - {"label"})  # labels feed the accuracy metric
     if extra:
         logger.warning("inputs file %s: ignoring arrays that are not model inputs: %s",
                        path, ", ".join(extra))

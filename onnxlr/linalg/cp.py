@@ -294,30 +294,35 @@ def _compress(kernel: np.ndarray, rank: int) -> tuple[np.ndarray, list[np.ndarra
     return np.ascontiguousarray(core), bases
 
 
-def _rank_one(tensor: np.ndarray, sweeps: int = 10) -> list[np.ndarray]:
-    """Best rank-one fit of a small tensor: HOSVD start, then a few power sweeps."""
-    if tensor.ndim == 1:
-        return [tensor.copy()]
-    vectors = [gram_eigh_top(unfold(tensor, n)) for n in range(tensor.ndim)]
-    for _ in range(sweeps):
-        for n in range(tensor.ndim):
-            x = tensor
-            for m in reversed(range(tensor.ndim)):
-                if m != n:
-                    x = np.tensordot(x, vectors[m], axes=([m], [0]))
-            norm = np.linalg.norm(x)
-            vectors[n] = x / norm if norm > 0 else x
-    # the scale goes on the first vector
-    x = tensor
-    for m in reversed(range(1, tensor.ndim)):
-        x = np.tensordot(x, vectors[m], axes=([m], [0]))
-    vectors[0] = x
+def _rank_one_batch(stack: np.ndarray, sweeps: int = 10) -> list[np.ndarray]:
+    """Rank-one fits of R small tensors at once: ``stack[r] ≈ v₁[r] ⊗ v₂[r] ⊗ …``.
+
+    Args:
+        stack: (R, k₁, …, k_d).
+
+    Returns:
+        d arrays (R, k_i); the scale is on the first. HOSVD start (leading
+        singular vector of each unfolding) then a few higher-order power
+        sweeps (De Lathauwer et al. 2000), which is exact for d ≤ 2.
+    """
+    rank, dims = stack.shape[0], stack.shape[1:]
+    if len(dims) == 1:
+        return [stack.copy()]
+    vectors = []
+    for i in range(len(dims)):
+        unf = np.moveaxis(stack, i + 1, 1).reshape(rank, dims[i], -1)
+        vectors.append(np.linalg.svd(unf, full_matrices=False)[0][:, :, 0])
+    letters = "abc"[: len(dims)]
+    for _ in range(sweeps if len(dims) > 2 else 0):
+        for i in range(len(dims)):
+            others = [j for j in range(len(dims)) if j != i]
+            subs = "r" + letters + "".join(f",r{letters[j]}" for j in others) + f"->r{letters[i]}"
+            v = np.einsum(subs, stack, *[vectors[j] for j in others])
+            norm = np.linalg.norm(v, axis=1, keepdims=True)
+            vectors[i] = v / np.where(norm > 0, norm, 1.0)
+    scale_subs = "r" + letters + "".join(f",r{c}" for c in letters[1:]) + "->ra"
+    vectors[0] = np.einsum(scale_subs, stack, *vectors[1:])
     return vectors
-
-
-def gram_eigh_top(mat: np.ndarray) -> np.ndarray:
-    """Leading left singular vector of a small matrix."""
-    return np.linalg.eigh(mat @ mat.T)[1][:, -1]
 
 
 def _gevd_init(core: np.ndarray, rank: int, rng: np.random.Generator) -> list[np.ndarray] | None:
@@ -359,11 +364,8 @@ def _gevd_init(core: np.ndarray, rank: int, rng: np.random.Generator) -> list[np
         c = np.linalg.lstsq(gram, mttkrp.T, rcond=None)[0].T  # (K, R)
     except np.linalg.LinAlgError:
         return None
-    spatial: list[list[np.ndarray]] = [[] for _ in spatial_shape]
-    for r in range(rank):
-        for i, v in enumerate(_rank_one(c[:, r].reshape(spatial_shape))):
-            spatial[i].append(v)
-    factors = [a, b] + [np.stack(cols, axis=1) for cols in spatial]
+    spatial = _rank_one_batch(c.T.reshape((rank,) + spatial_shape))
+    factors = [a, b] + [v.T for v in spatial]
     if not all(np.all(np.isfinite(f)) for f in factors):
         return None
     return factors
@@ -427,12 +429,17 @@ def cp_conv(kernel: np.ndarray, rank: int, *, max_iter: int = 100, max_seconds: 
             init = _random_factors(core.shape, rank, rng)
         factors, rel, done = core_als.run(init, max_iter, tol, deadline)
         iterations += done
-        logger.debug("CP start %d on core %s: %d sweeps, rel_error %.3g", start, core.shape, done, rel)
+        logger.debug("CP start %d on core %s: %d sweeps, rel_error %.3g (of the core)",
+                     start, core.shape, done, rel)
         if best is None or rel < best[1]:
             best = (factors, rel)
     assert best is not None
     factors = [f if b is None else b @ f for f, b in zip(best[0], bases)]
 
+    if logger.isEnabledFor(logging.DEBUG):
+        # orthonormal bases: ‖W − Ŵ‖² = (‖W‖² − ‖G‖²) + ‖G − Ĝ‖²
+        full = math.sqrt(max(norm2 - core_als.norm2, 0.0) + best[1] ** 2 * core_als.norm2) / math.sqrt(norm2)
+        logger.debug("CP after the compressed fit: rel_error %.4g of the kernel", full)
     if compressed and time.perf_counter() < deadline:
         full_als = _Als(kernel)
         factors, _, done = full_als.run(factors, min(max_iter, _REFINE_SWEEPS), tol, deadline)

@@ -43,6 +43,15 @@ class Method(abc.ABC):
         """Ranks for this site, or the reason no useful rank exists."""
 
     @abc.abstractmethod
+    def full_ranks(self, site: LayerSite) -> tuple[int, ...]:
+        """The largest meaningful ranks (exact representation)."""
+
+    def scale_ranks(self, site: LayerSite, ranks: tuple[int, ...], scale: float) -> tuple[int, ...]:
+        """Ranks grown by ``scale`` (the error bound's back-off), capped at full ranks."""
+        return tuple(min(full, max(1, math.ceil(r * scale)))
+                     for r, full in zip(ranks, self.full_ranks(site)))
+
+    @abc.abstractmethod
     def cost(self, site: LayerSite, ranks: tuple[int, ...]) -> tuple[int, int]:
         """(params, MACs) of the replacement, bias included, at the site's shapes."""
 

@@ -52,6 +52,10 @@ class CpMethod(Method):
             return f"rank rule '{selector.spec}' leaves no CP rank within the budget"
         return (int(rank),)
 
+    def full_ranks(self, site: LayerSite):
+        t, s = site.weight.shape[:2]
+        return (t * s,)  # beyond any rank that could still save work
+
     def cost(self, site: LayerSite, ranks):
         (r,) = ranks
         w = site.weight

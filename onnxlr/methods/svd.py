@@ -39,6 +39,9 @@ class SvdMethod(Method):
                     f"noise level): layer kept rather than removed")
         return (k,)
 
+    def full_ranks(self, site: LayerSite):
+        return (min(site.matrix.shape),)
+
     def cost(self, site: LayerSite, ranks):
         (k,) = ranks
         m, n = site.matrix.shape

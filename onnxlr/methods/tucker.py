@@ -47,6 +47,9 @@ class TuckerMethod(Method):
                     f"({t}, {s}): nothing to gain")
         return (r_out, r_in)
 
+    def full_ranks(self, site: LayerSite):
+        return tuple(site.weight.shape[:2])
+
     def cost(self, site: LayerSite, ranks):
         r_out, r_in = ranks
         t, s = site.weight.shape[:2]

@@ -39,6 +39,7 @@ class FactorizeConfig:
     exclude: list[str] = field(default_factory=list)
     layer_ranks: list[tuple[str, RankSelector]] = field(default_factory=list)
     cp_max_seconds: float = 60.0
+    rank_scale: dict[str, float] = field(default_factory=dict)  # set by the error-bound back-off
 
     def rank_for(self, name: str) -> RankSelector:
         for pattern, selector in self.layer_ranks:  # first match wins, like --include
@@ -120,6 +121,9 @@ class Factorize(Pass):
         if isinstance(ranks, str):
             record.reason = ranks
             return record
+        if node.name in self.config.rank_scale:
+            ranks = method.scale_ranks(site, tuple(ranks), self.config.rank_scale[node.name])
+            record.extra["rank_scale"] = self.config.rank_scale[node.name]
         record.ranks = tuple(int(r) for r in ranks)
         params, macs = method.cost(site, ranks)
         if params >= site.params or macs >= site.macs:
