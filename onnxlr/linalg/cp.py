@@ -28,15 +28,24 @@ and plain ALS at rank 256 took ~400 s for 100 iterations):
    other mode, leaving (R × the rest), and the small modes are contracted
    from that. Because that intermediate does not depend on the factor being
    updated, one GEMM is shared by all modes but the largest (a two-level
-   dimension tree), so a sweep costs two GEMMs of ``size(W)·R`` flops.
-   Random initialisations (``n_restarts``, seeded) compete; the lowest
-   error wins.
+   dimension tree), so a sweep costs two GEMMs of ``size(W)·R`` flops (three
+   with the line search below).
+   Each sweep ends with a line search (extrapolation of the last step,
+   kept only if it lowers the error) against ALS's slow plateaus.
+   Starts (``n_restarts``, seeded) compete and the lowest error wins. The
+   first start is a direct CP of the core by a generalised eigendecomposition
+   of two mixtures of its spatial slices (Leurgans, Ross & Abel 1993) when
+   R ≤ T and R ≤ S, which is exact for an exact CP kernel; the others (and
+   the first when R exceeds a channel dim) are Gaussian random.
 3. **Refinement**: the expanded factors are polished by a few ALS sweeps on
    the full kernel, which removes the restriction to the HOSVD subspaces
    (only when step 1 actually truncated something).
 
-Memory is O(size(W)·2 + size(W)/max_dim·R + (T + S + Σk)·R + R²); time is
-bounded by ``max_seconds``, checked after every sweep. The CP weights
+Memory is O(3·size(W) + size(W)/min(T, S)·R + (T + S + Σk)·R + R²); time is
+bounded by ``max_seconds``, checked after every sweep. Measured on a
+512×512×3×3 kernel, single-threaded BLAS on a 2-core machine, with the
+defaults (100 sweeps on the core + 10 on the kernel): rank 256 in 12 s, rank
+64 in 1.3 s, peak RSS ~200 MB. The CP weights
 (λ) are absorbed into ``out_factor``; ``in_factor`` and ``spatial`` have unit
 columns; components are sorted by decreasing λ.
 """

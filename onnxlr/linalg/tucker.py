@@ -20,12 +20,20 @@ core is ``G = W ×₀ U_outᵀ ×₁ U_inᵀ`` and ``||W − Ŵ||² = ||W||² �
 never increases the error of its HOSVD start.
 
 This is implemented here with numpy rather than with
-``tensorly.decomposition.partial_tucker`` (0.10) because the latter takes a
-full SVD of the unfolding in every step (measured 35 s for *one* iteration on a
-512×512×3×3 kernel on a 2-core machine, against well under a second here with
-a Gram matrix and a partial symmetric eigensolve), estimates the error as
-``sqrt(|‖W‖² − ‖G‖²|)`` (cancellation limits it to ~1e-8) and depends on
-tensorly's global backend.
+``tensorly.decomposition.partial_tucker`` (0.10), which computes the same
+iterates (identical errors in a check on a 512×512×3×3 kernel) but takes a
+full SVD of the long unfolding in every step: single-threaded on a 2-core
+machine, 11.5 s for init + 5 sweeps at ranks (256, 256) against 2.6 s here,
+where each subspace comes from the small Gram matrix (one GEMM and a 512×512
+symmetric eigensolve). partial_tucker also estimates the error as
+``sqrt(|‖W‖² − ‖G‖²|)`` (cancellation limits it to ~1e-8, so a full-rank
+result cannot be certified exact), and depends on tensorly's global backend.
+
+Cost: a sweep is four GEMMs of ``size(W)·r`` flops and two T×T / S×S
+eigensolves. Trained kernels (decaying spectra) converge in a few sweeps; an
+unstructured (e.g. randomly initialised) kernel improves slowly and may use
+all ``n_iter_max`` sweeps (about 20 s for 512×512×3×3 at ranks (256, 256),
+single-threaded, for a 0.5 % lower error than 5 sweeps).
 """
 from __future__ import annotations
 
