@@ -40,6 +40,9 @@ class FactorizeConfig:
     layer_ranks: list[tuple[str, RankSelector]] = field(default_factory=list)
     cp_max_seconds: float = 60.0
     rank_scale: dict[str, float] = field(default_factory=dict)  # set by the error-bound back-off
+    #: exact ranks per layer name, chosen by a search (latency acceptance, budgets); wins over
+    #: the rank rule and ``rank_scale``
+    forced_ranks: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def rank_for(self, name: str) -> RankSelector:
         for pattern, selector in self.layer_ranks:  # first match wins, like --include
@@ -117,7 +120,11 @@ class Factorize(Pass):
         selector = self.config.rank_for(node.name)
         record.method, record.rank_rule = method_name, selector.spec
         t0 = time.perf_counter()
-        ranks = method.choose_ranks(site, selector, self.config.rank_multiple)
+        if node.name in self.config.forced_ranks:
+            ranks = self.config.forced_ranks[node.name]
+            record.rank_rule = f"searched ({selector.spec})"
+        else:
+            ranks = method.choose_ranks(site, selector, self.config.rank_multiple)
         if isinstance(ranks, str):
             record.reason = ranks
             return record
