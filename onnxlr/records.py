@@ -31,7 +31,20 @@ class LayerRecord:
     status: str = DECLINED
     reason: str = ""
     seconds: float = 0.0
+    # the layer timed alone at its real input shape (onnxlr.latency): original vs its
+    # factorised chain, median ms, A/B interleaved
+    latency_before_ms: float | None = None
+    latency_after_ms: float | None = None
+    # ranks tried by a search, each {"ranks", "macs", "weight_error", "local_error",
+    # "latency_ms", "chosen"}: the data behind error-vs-rank and speed-vs-error plots
+    candidates: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+
+    @property
+    def layer_speedup(self) -> float | None:
+        if self.latency_before_ms and self.latency_after_ms:
+            return self.latency_before_ms / self.latency_after_ms
+        return None
 
     @property
     def factorised(self) -> bool:

@@ -40,6 +40,14 @@ class Report:
     verify_inputs: str | None = None
     accuracy: tuple[float, float] | None = None   # (original, optimised) on labelled inputs
     seconds: float = 0.0
+    accept: str = "error"             # "error" (bound only) or "latency" (also measured faster)
+    # end-to-end latency, original vs result, measured side by side at the end:
+    # {"provider", "threads", "batch", "before_ms", "after_ms", "speedup", "p10", "p90"}
+    latency: dict | None = None
+    # per-layer time inside the whole model from ORT profiling: {layer: {"before_ms", "after_ms"}}
+    profile: dict | None = None
+    # budgets (--target-speedup / --target-flops): targets, achieved values, which constraint bound
+    budget: dict | None = None
 
     # totals over candidate layers (MACs of other ops are not counted)
     @property
