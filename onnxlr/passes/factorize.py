@@ -121,7 +121,8 @@ class Factorize(Pass):
         record.method, record.rank_rule = method_name, selector.spec
         t0 = time.perf_counter()
         if node.name in self.config.forced_ranks:
-            ranks = self.config.forced_ranks[node.name]
+            ranks = tuple(max(1, min(int(r), full)) for r, full in
+                          zip(self.config.forced_ranks[node.name], method.full_ranks(site)))
             record.rank_rule = f"searched ({selector.spec})"
         else:
             ranks = method.choose_ranks(site, selector, self.config.rank_multiple)

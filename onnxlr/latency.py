@@ -1,0 +1,263 @@
+"""Time one layer alone: the original node against its factorised chain, at its real input.
+
+FLOPs are not speed (PITFALLS 1, 7): a Tucker chain with odd ranks, or a 1×1
+conv ORT runs poorly, can be slower than the layer it replaces. So each
+candidate is measured where it will run: the layer is cut out of the model
+into a one-node model whose input is the activation the layer really sees
+(captured from a run of the whole model), the same layer is factorised at the
+candidate ranks by the same pass that rewrites the model, and the two run side
+by side in ONNX Runtime (A B A B interleaved, median of per-round ratios).
+The same captured input gives the layer's own output error, so every
+candidate has (ranks, MACs, weight error, local output error, latency).
+
+Timings depend on shapes, attributes, ranks, runtime and threads, not on the
+weight values, so they are cached on disk under that key: repeated runs (and
+the rank search of a budget) re-time nothing they have timed before.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxlr import runtime
+from onnxlr.passes.factorize import Factorize, FactorizeConfig
+from onnxlr.records import FACTORISED
+
+logger = logging.getLogger(__name__)
+
+#: Default --min-layer-speedup: a replacement must be this much faster alone to be kept.
+DEFAULT_MIN_LAYER_SPEEDUP = 1.05
+
+
+def default_cache_path() -> Path:
+    """``$ONNXLR_CACHE_DIR/latency.json``, else ``~/.cache/onnxlr/latency.json``."""
+    root = os.environ.get("ONNXLR_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "onnxlr"
+    return Path(root) / "latency.json"
+
+
+class TimingCache:
+    """A JSON file of {key: [ms_before, ms_after, speedup]}; None keeps it in memory only."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = Path(path) if path else None
+        self.data: dict[str, list[float]] = {}
+        if self.path and self.path.is_file():
+            try:
+                loaded = json.loads(self.path.read_text(encoding="utf-8"))
+                if isinstance(loaded, dict):
+                    self.data = {k: v for k, v in loaded.items()
+                                 if isinstance(v, list) and len(v) == 3}
+            except (OSError, ValueError):
+                logger.warning("ignoring unreadable latency cache %s", self.path)
+
+    def get(self, key: str) -> list[float] | None:
+        return self.data.get(key)
+
+    def put(self, key: str, value: list[float]) -> None:
+        self.data[key] = value
+
+    def save(self) -> None:
+        """Write atomically; a cache that cannot be written is not an error (only slower)."""
+        if not self.path:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".latency-", dir=self.path.parent)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(self.data, fh)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            logger.warning("could not write latency cache %s: %s", self.path, exc)
+
+
+@dataclass
+class Trial:
+    """One candidate for one layer, measured alone."""
+
+    ranks: tuple[int, ...]
+    macs: int = 0
+    weight_error: float | None = None
+    local_error: float | None = None     # rel. L2 of the layer's output on its real input
+    ms_before: float | None = None
+    ms_after: float | None = None
+    reason: str = ""                     # why it could not be built, if it could not
+
+    @property
+    def speedup(self) -> float | None:
+        if self.ms_before and self.ms_after:
+            return self.ms_before / self.ms_after
+        return None
+
+    def to_dict(self, chosen: bool = False) -> dict:
+        return {"ranks": list(self.ranks), "macs": self.macs, "weight_error": self.weight_error,
+                "local_error": self.local_error, "latency_ms": self.ms_after,
+                "latency_before_ms": self.ms_before, "speedup": self.speedup, "chosen": chosen}
+
+
+def layer_inputs(node: gs.Node) -> list[gs.Variable]:
+    """The node's non-constant inputs: what must be captured to run it alone."""
+    return [t for t in node.inputs if isinstance(t, gs.Variable) and t.name]
+
+
+def capture(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str], *,
+            provider: str = "cpu") -> dict[str, np.ndarray]:
+    """Values of the named tensors on ``feeds``: graph inputs from the feeds, the rest by
+    exposing them as extra outputs of one ORT run."""
+    wanted = [n for n in dict.fromkeys(names) if n not in feeds]
+    found = {n: feeds[n] for n in names if n in feeds}
+    if not wanted:
+        return found
+    probe = copy.deepcopy(model)
+    have = {o.name for o in probe.graph.output}
+    for name in wanted:
+        if name not in have:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    session = runtime.make_session(probe, provider=provider)
+    found.update({k: v for k, v in runtime.run(session, feeds).items() if k in wanted})
+    return found
+
+
+def isolate(node: gs.Node, values: dict[str, np.ndarray], opsets: dict[str, int],
+            ir_version: int) -> tuple[gs.Graph, dict[str, np.ndarray]]:
+    """A one-node graph computing ``node`` on fresh inputs shaped like the captured ones."""
+    inputs, feeds, new_inputs = [], {}, []
+    for tensor in node.inputs:
+        if isinstance(tensor, gs.Variable) and tensor.name:
+            value = values[tensor.name]
+            var = gs.Variable(tensor.name, dtype=value.dtype, shape=list(value.shape))
+            new_inputs.append(var)
+            feeds[tensor.name] = value
+            inputs.append(var)
+        elif isinstance(tensor, gs.Constant):
+            # a new tensor object around the same (read-only) array: the original's consumers
+            # must not make the weight look shared in the one-node graph
+            inputs.append(gs.Constant(tensor.name, tensor.values))
+        else:
+            inputs.append(tensor)  # an empty optional input
+    outputs = [gs.Variable(t.name, dtype=t.dtype) for t in node.outputs]
+    clone = gs.Node(node.op, node.name, dict(node.attrs), inputs, outputs, domain=node.domain)
+    graph = gs.Graph(nodes=[clone], inputs=new_inputs, outputs=outputs,
+                     opset=opsets.get("", 17), name=f"isolated {node.name}")
+    graph.import_domains = [onnx.helper.make_opsetid(d, v) for d, v in opsets.items()]
+    model = gs.export_onnx(graph)
+    model.ir_version = ir_version
+    # output shapes give the layer its output positions (MACs), as in the whole model
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = gs.import_onnx(inferred)
+    graph._onnxlr_ir_version = ir_version  # noqa: SLF001 (read back by _export)
+    return graph, feeds
+
+
+def _export(graph: gs.Graph) -> onnx.ModelProto:
+    model = gs.export_onnx(graph)
+    model.ir_version = getattr(graph, "_onnxlr_ir_version", model.ir_version)
+    return model
+
+
+def _key(node: gs.Node, feeds: dict[str, np.ndarray], method: str, ranks, provider: str,
+         threads: int | None) -> str:
+    """What a timing depends on: op, attributes, weight and input shapes, ranks, runtime."""
+    import onnxruntime  # the runtime version is part of what was measured
+
+    parts = {
+        "op": node.op, "attrs": {k: repr(v) for k, v in sorted(node.attrs.items())},
+        "consts": [list(t.shape) if isinstance(t, gs.Constant) else None for t in node.inputs],
+        "inputs": {k: [list(v.shape), str(v.dtype)] for k, v in sorted(feeds.items())},
+        "method": method, "ranks": list(ranks), "provider": provider, "threads": threads,
+        "ort": onnxruntime.__version__,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass
+class LayerTimer:
+    """Builds and times candidates for single layers; shares the factor and timing caches."""
+
+    config: FactorizeConfig
+    opsets: dict[str, int]
+    ir_version: int
+    factor_cache: dict = field(default_factory=dict)
+    timing_cache: TimingCache = field(default_factory=lambda: TimingCache(None))
+    provider: str = "cpu"
+    threads: int | None = None
+    seconds_per_pair: float = 1.0
+
+    def trials(self, node: gs.Node, values: dict[str, np.ndarray], method: str,
+               candidates: list[tuple[int, ...]]) -> list[Trial]:
+        """Each candidate ranks built and timed against the original, on the captured input."""
+        graph, feeds = isolate(node, values, self.opsets, self.ir_version)
+        original = _export(graph)
+        base_session = None
+        reference = None
+        out = []
+        for ranks in dict.fromkeys(tuple(int(r) for r in c) for c in candidates):
+            trial = Trial(ranks)
+            built, record = self._factorised(node, values, ranks)
+            if record.status != FACTORISED:
+                trial.reason = record.reason
+                out.append(trial)
+                continue
+            trial.macs, trial.weight_error = record.macs_after, record.weight_error
+            if base_session is None:
+                base_session = runtime.make_session(original, provider=self.provider,
+                                                    threads=self.threads)
+                reference = runtime.run(base_session, feeds)
+            session = runtime.make_session(built, provider=self.provider, threads=self.threads)
+            got = runtime.run(session, feeds)
+            trial.local_error = runtime.compare_outputs(reference, got).worst_rel_l2
+            key = _key(node, feeds, method, ranks, self.provider, self.threads)
+            cached = self.timing_cache.get(key)
+            if cached is None:
+                cached = self._time(base_session, session, feeds)
+                self.timing_cache.put(key, cached)
+            trial.ms_before, trial.ms_after = cached[0], cached[1]
+            out.append(trial)
+        return out
+
+    def _factorised(self, node: gs.Node, values, ranks):
+        graph, _ = isolate(node, values, self.opsets, self.ir_version)
+        config = copy.copy(self.config)
+        config.include, config.exclude, config.layer_ranks = [node.name], [], []
+        config.forced_ranks, config.rank_scale = {node.name: ranks}, {}
+        result = Factorize(config, cache=self.factor_cache)(graph)
+        record = result.records[0]
+        return (_export(graph) if record.status == FACTORISED else None), record
+
+    def _time(self, base, candidate, feeds) -> list[float]:
+        """[ms_before, ms_after, speedup]: enough interleaved rounds for ~seconds_per_pair."""
+        probe = runtime.interleaved_latency([base, candidate], feeds, warmup=3, iterations=3)
+        per_round = sum(s.median_ms for s in probe.stats) / 1e3
+        rounds = int(min(300, max(15, self.seconds_per_pair / max(per_round, 1e-6))))
+        timed = runtime.interleaved_latency([base, candidate], feeds, warmup=2, iterations=rounds,
+                                            max_seconds=self.seconds_per_pair * 3)
+        before, after = timed.stats[0].median_ms, timed.stats[1].median_ms
+        return [before, after, timed.speedups[1]]
+
+
+def rank_variants(ranks: tuple[int, ...], full: tuple[int, ...],
+                  multiples: tuple[int, ...] = (8, 16)) -> list[tuple[int, ...]]:
+    """The ranks and the same ranks rounded up to each multiple (capped at full):
+    never less accurate, often faster (PITFALLS 7)."""
+    out = [tuple(ranks)]
+    for m in multiples:
+        out.append(tuple(min(f, -(-r // m) * m) for r, f in zip(ranks, full)))
+    return list(dict.fromkeys(out))
+
+
+def pick_fastest(trials: list[Trial]) -> Trial | None:
+    """The candidate with the highest measured speed-up; ties go to the more accurate."""
+    timed = [t for t in trials if t.speedup is not None]
+    if not timed:
+        return None
+    return max(timed, key=lambda t: (round(t.speedup, 2), -(t.local_error or 0.0)))
