@@ -1,0 +1,507 @@
+"""Calibration inputs, and capturing a model's intermediate activations on them.
+
+Data-aware compression needs what each layer actually sees. This module reads a
+calibration set and runs it through ONNX Runtime with chosen intermediate
+tensors exposed as extra graph outputs, one batch at a time.
+
+API (others code against it; add, do not break):
+
+``load_calibration(source, model, *, max_samples=None, batch_size=16) -> Calibration``
+    ``source`` is a ``.npz`` (one array per graph input name, first axis =
+    samples; other keys such as an integer ``label`` are kept aside), a folder
+    of ``.npy``/``.npz`` files (sorted by name; each ``.npz`` as above; a
+    ``.npy`` named ``<input>.npy`` holds that input's samples, and for a
+    single-input model any other ``.npy`` holds samples of that input, or one
+    sample if it lacks the sample axis), an iterable of feed dicts (each a
+    batch, first axis = samples), or a :class:`Calibration`. Every file / feed
+    dict is validated against the model inputs (names, rank, fixed dims,
+    dtype kind; floats are cast to the input's float type) with a one-line
+    :class:`OnnxlrError` naming the file or dict and the input. Files are read
+    once to validate and again, one at a time, while iterating: memory holds
+    one file plus one batch. A one-shot iterator is materialised (up to
+    ``max_samples``), a list is not copied.
+
+``Calibration``
+    Iterating yields feed dicts of ``batch_size`` samples (the last may be
+    smaller; a model whose batch dim is fixed gets exactly that many and a
+    remainder is dropped). ``num_samples``, ``num_batches``, ``input_names``,
+    ``labels()`` (the ``label`` arrays, or None), ``split(n)`` (first samples,
+    last ``n`` samples held out), ``head(n)``.
+
+``capture(model, calibration, tensors, *, provider="cpu", max_positions=None,
+seed=0, progress=None, reducer=None) -> dict[str, np.ndarray]``
+    Runs ORT once per batch with ``tensors`` (intermediate tensor names or
+    graph inputs/outputs) exposed as outputs (their value_info from shape
+    inference when available). Without ``reducer`` it returns each tensor's
+    batches concatenated on axis 0. With ``max_positions`` every tensor of rank
+    ≥ 3 becomes a (rows, features) matrix of at most ``max_positions`` random
+    positions per sample (seeded; all positions, in order, when there are
+    fewer): channel-first (N, C, *spatial) → features = C, unless the tensor is
+    a MatMul operand/result, which is channel-last (N, ..., K) → features = K.
+    Tensors with the same shape get the same positions in a batch, so a
+    stride-1 conv's input and output rows correspond. With ``reducer`` (a
+    callable ``reducer(name, array)``, e.g. :class:`GramReducer`) nothing is
+    held: each batch is handed over and dropped; the result is
+    ``{name: reducer.result(name)}`` when the reducer has ``result``, else {}.
+    ``progress(done_samples, total_samples, "calibration")`` after each batch.
+
+``GramReducer`` accumulates, per tensor, the float64 second moment E[x xᵀ],
+the mean and the row count of (rows, features) matrices (a tensor of rank > 2
+is read channel-last: rows = all leading axes) and returns :class:`LayerStats`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from onnxlr.errors import OnnxlrError
+from onnxlr.linalg.whiten import LayerStats
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Calibration", "GramReducer", "LayerStats", "capture", "expose", "load_calibration"]
+
+LABEL = "label"
+
+
+@dataclass(frozen=True)
+class _Input:
+    """A feedable graph input: name, numpy dtype and dims (None where dynamic)."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple[int | None, ...] | None
+
+
+@dataclass
+class _Chunk:
+    """One file or feed dict: where it came from, how to (re)load it, how many samples."""
+
+    origin: str
+    load: Callable[[], dict[str, np.ndarray]]
+    count: int
+
+
+def _model_inputs(model: onnx.ModelProto) -> list[_Input]:
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            raise OnnxlrError(f"input {vi.name!r} is not a tensor: cannot feed calibration data")
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        dims = None
+        if tt.HasField("shape"):
+            dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                         for d in tt.shape.dim)
+        out.append(_Input(vi.name, dtype, dims))
+    if not out:
+        raise OnnxlrError("the model has no inputs to feed calibration data to")
+    return out
+
+
+def _validate(arrays: dict[str, Any], inputs: list[_Input], origin: str) -> dict[str, np.ndarray]:
+    """The chunk's input arrays, checked and cast; extra keys dropped except ``label``."""
+    names = [i.name for i in inputs]
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise OnnxlrError(f"calibration {origin} lacks input(s) {', '.join(map(repr, missing))}; "
+                          f"it has {', '.join(map(repr, arrays)) or '(nothing)'}")
+    out: dict[str, np.ndarray] = {}
+    count = None
+    for inp in inputs:
+        arr = np.asarray(arrays[inp.name])
+        if arr.dtype.kind != inp.dtype.kind and not (arr.dtype.kind in "iu" and inp.dtype.kind in "iu"):
+            raise OnnxlrError(f"calibration {origin}: {inp.name!r} is {arr.dtype} but the model "
+                              f"expects {inp.dtype}")
+        if inp.dims is not None:
+            if arr.ndim != len(inp.dims):
+                raise OnnxlrError(f"calibration {origin}: {inp.name!r} has shape {arr.shape}, the "
+                                  f"model expects rank {len(inp.dims)} (first axis = samples)")
+            for axis in range(1, arr.ndim):
+                want = inp.dims[axis]
+                if want is not None and arr.shape[axis] != want:
+                    raise OnnxlrError(f"calibration {origin}: {inp.name!r} has shape {arr.shape}, "
+                                      f"the model fixes dim {axis} to {want}")
+        if arr.ndim == 0:
+            raise OnnxlrError(f"calibration {origin}: {inp.name!r} is a scalar; the first axis "
+                              f"must count samples")
+        if count is not None and arr.shape[0] != count:
+            raise OnnxlrError(f"calibration {origin}: inputs have different sample counts "
+                              f"({count} and {arr.shape[0]} for {inp.name!r})")
+        count = arr.shape[0]
+        out[inp.name] = arr.astype(inp.dtype, copy=False)
+    label = arrays.get(LABEL)
+    if label is not None and LABEL not in names:
+        label = np.asarray(label)
+        if label.ndim == 1 and label.shape[0] == count and label.dtype.kind in "iu":
+            out[LABEL] = label
+    return out
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise OnnxlrError(f"cannot read calibration file {path}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise OnnxlrError(f"cannot read calibration file {path}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def _file_chunk(loader: Callable[[], dict[str, np.ndarray]], inputs: list[_Input],
+                origin: str) -> _Chunk:
+    first = _validate(loader(), inputs, origin)  # read once now: errors surface at load time
+    count = next(iter(first.values())).shape[0]
+    del first
+    return _Chunk(origin, lambda: _validate(loader(), inputs, origin), count)
+
+
+def _folder_chunks(folder: Path, inputs: list[_Input]) -> list[_Chunk]:
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".npz") and p.is_file())
+    if not files:
+        raise OnnxlrError(f"calibration folder {folder} has no .npy or .npz files")
+    names = {i.name for i in inputs}
+    chunks = []
+    named = {p.stem: p for p in files if p.suffix == ".npy" and p.stem in names}
+    if named:  # <input>.npy files together form one chunk
+        def load_named() -> dict[str, np.ndarray]:
+            return {stem: _read_npy(p) for stem, p in named.items()}
+        chunks.append(_file_chunk(load_named, inputs, f"folder {folder} (<input>.npy files)"))
+    for path in files:
+        if path.suffix == ".npz":
+            chunks.append(_file_chunk(lambda p=path: _read_npz(p), inputs, f"file {path}"))
+        elif path.stem not in named:
+            if len(inputs) != 1:
+                raise OnnxlrError(f"calibration file {path}: a model with several inputs needs "
+                                  f".npz files or one <input>.npy per input "
+                                  f"({', '.join(sorted(names))})")
+            chunks.append(_file_chunk(lambda p=path: {inputs[0].name: _one_sample(_read_npy(p),
+                                                                                  inputs[0])},
+                                      inputs, f"file {path}"))
+    return chunks
+
+
+def _one_sample(arr: np.ndarray, inp: _Input) -> np.ndarray:
+    """A lone sample (rank one less than the input) gets its sample axis."""
+    if inp.dims is not None and arr.ndim == len(inp.dims) - 1:
+        return arr[None]
+    return arr
+
+
+def _iterable_chunks(source: Iterable, inputs: list[_Input], max_samples: int | None) -> list[_Chunk]:
+    chunks, total = [], 0
+    for i, feeds in enumerate(source):
+        origin = f"feed dict #{i}"
+        if not isinstance(feeds, dict):
+            raise OnnxlrError(f"calibration {origin} is a {type(feeds).__name__}, not a dict of "
+                              f"arrays keyed by input name")
+        arrays = _validate(feeds, inputs, origin)
+        count = next(iter(arrays.values())).shape[0]
+        chunks.append(_Chunk(origin, lambda a=arrays: a, count))
+        total += count
+        if max_samples is not None and total >= max_samples:
+            break
+    return chunks
+
+
+class Calibration:
+    """A validated calibration set: iterable over feed dicts of ``batch_size`` samples.
+
+    Build it with :func:`load_calibration`. Iteration re-reads files one at a
+    time, so it can be repeated and holds one file and one batch at most.
+    """
+
+    def __init__(self, chunks: list[_Chunk], inputs: list[_Input], batch_size: int,
+                 start: int = 0, stop: int | None = None, description: str = ""):
+        self._chunks, self._inputs = chunks, inputs
+        total = sum(c.count for c in chunks)
+        self.start, self.stop = start, min(total if stop is None else stop, total)
+        fixed = {i.dims[0] for i in inputs if i.dims and i.dims[0] is not None}
+        self.fixed_batch = fixed.pop() if len(fixed) == 1 else None
+        self.batch_size = self.fixed_batch or max(1, int(batch_size))
+        self.description = description
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self._inputs]
+
+    @property
+    def num_samples(self) -> int:
+        n = max(0, self.stop - self.start)
+        return n - n % self.fixed_batch if self.fixed_batch else n
+
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def _pieces(self) -> Iterator[dict[str, np.ndarray]]:
+        """Each chunk's slice that lies in [start, stop), in order."""
+        offset = 0
+        for chunk in self._chunks:
+            lo, hi = max(self.start - offset, 0), min(self.stop - offset, chunk.count)
+            if lo < hi:
+                arrays = chunk.load()
+                yield {k: v[lo:hi] for k, v in arrays.items()}
+            offset += chunk.count
+            if offset >= self.stop:
+                return
+
+    def _batches(self, with_labels: bool) -> Iterator[dict[str, np.ndarray]]:
+        buffer: list[dict[str, np.ndarray]] = []
+        buffered, remaining = 0, self.num_samples
+
+        def key(piece: dict) -> tuple:
+            return tuple(piece[n].shape[1:] for n in self.input_names)
+
+        def flush(n: int) -> dict[str, np.ndarray]:
+            nonlocal buffer, buffered
+            names = self.input_names + ([LABEL] if with_labels else [])
+            if with_labels and not all(LABEL in p for p in buffer):
+                names = self.input_names
+            joined = {k: np.concatenate([p[k] for p in buffer]) if len(buffer) > 1 else buffer[0][k]
+                      for k in names}
+            out = {k: v[:n] for k, v in joined.items()}
+            rest = {k: v[n:] for k, v in joined.items()}
+            buffered -= n
+            buffer = [rest] if buffered else []
+            return out
+
+        for piece in self._pieces():
+            if buffer and key(piece) != key(buffer[0]):
+                # shapes changed (dynamic dims): a batch cannot mix them
+                while buffered and remaining > 0:
+                    n = min(buffered, self.batch_size, remaining)
+                    if self.fixed_batch and n < self.fixed_batch:
+                        break
+                    remaining -= n
+                    yield flush(n)
+                buffer, buffered = [], 0
+            buffer.append(piece)
+            buffered += next(iter(piece.values())).shape[0]
+            while buffered >= self.batch_size and remaining > 0:
+                n = min(self.batch_size, remaining)
+                remaining -= n
+                yield flush(n)
+        while buffered and remaining > 0:
+            n = min(buffered, self.batch_size, remaining)
+            remaining -= n
+            yield flush(n)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self._batches(with_labels=False)
+
+    def labels(self) -> np.ndarray | None:
+        """The integer ``label`` of every sample, when every file/dict has one; else None."""
+        parts = []
+        for batch in self._batches(with_labels=True):
+            if LABEL not in batch:
+                return None
+            parts.append(batch[LABEL])
+        return np.concatenate(parts) if parts else None
+
+    def _view(self, start: int, stop: int) -> "Calibration":
+        return Calibration(self._chunks, self._inputs, self.batch_size, start, stop,
+                           self.description)
+
+    def head(self, n: int) -> "Calibration":
+        """The first ``n`` samples."""
+        return self._view(self.start, min(self.stop, self.start + max(0, n)))
+
+    def split(self, holdout: int) -> tuple["Calibration", "Calibration"]:
+        """(all but the last ``holdout`` samples, the last ``holdout`` samples)."""
+        cut = max(self.start, self.stop - max(0, holdout))
+        return self._view(self.start, cut), self._view(cut, self.stop)
+
+    def __repr__(self) -> str:
+        return (f"Calibration({self.num_samples} samples, batch {self.batch_size}, "
+                f"inputs {self.input_names})")
+
+
+def load_calibration(source: Any, model: onnx.ModelProto, *, max_samples: int | None = None,
+                     batch_size: int = 16) -> Calibration:
+    """Read and validate calibration inputs for ``model``; see the module docstring.
+
+    Raises:
+        OnnxlrError: unreadable or empty source, missing input, wrong rank, fixed dim or
+            dtype kind (one line naming the file or feed dict and the input).
+    """
+    if isinstance(source, Calibration):
+        return source if max_samples is None else source.head(max_samples)
+    if max_samples is not None and max_samples < 1:
+        raise OnnxlrError(f"invalid calibration max_samples {max_samples}: must be >= 1")
+    inputs = _model_inputs(model)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            chunks = _folder_chunks(path, inputs)
+        elif path.is_file():
+            chunks = [_file_chunk(lambda: _read_npz(path), inputs, f"file {path}")]
+        else:
+            raise OnnxlrError(f"calibration data {path} does not exist")
+        description = str(path)
+    elif isinstance(source, dict):
+        chunks = _iterable_chunks([source], inputs, max_samples)
+        description = "a feed dict"
+    elif isinstance(source, Iterable):
+        chunks = _iterable_chunks(source, inputs, max_samples)
+        description = "feed dicts"
+    else:
+        raise OnnxlrError(f"calibration source must be a .npz path, a folder or an iterable of "
+                          f"feed dicts, not {type(source).__name__}")
+    calib = Calibration(chunks, inputs, batch_size, 0, max_samples, description)
+    if calib.num_samples == 0:
+        raise OnnxlrError(f"calibration data {description} holds no samples"
+                          + (f" (the model's batch dim is fixed to {calib.fixed_batch})"
+                             if calib.fixed_batch else ""))
+    logger.info("calibration: %d samples from %s, batches of %d", calib.num_samples, description,
+                calib.batch_size)
+    return calib
+
+
+# --- capture --------------------------------------------------------------------------------
+
+def expose(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` with the named intermediate tensors added as graph outputs.
+
+    Types come from shape inference when it succeeds (a bare name otherwise, which ORT
+    accepts). Graph inputs are not exposed (their values are the feeds).
+
+    Raises:
+        OnnxlrError: a name that no node produces and that is no graph input.
+    """
+    from onnxlr.graph import infer_shapes
+
+    produced = {o for n in model.graph.node for o in n.output if o}
+    inputs = {i.name for i in model.graph.input}
+    outputs = {o.name for o in model.graph.output}
+    unknown = [t for t in tensors if t not in produced and t not in inputs]
+    if unknown:
+        inits = {t.name for t in model.graph.initializer}
+        what = "is a constant initializer" if unknown[0] in inits else "is not in the graph"
+        raise OnnxlrError(f"cannot capture tensor {unknown[0]!r}: it {what}")
+    wanted = [t for t in dict.fromkeys(tensors) if t not in outputs and t not in inputs]
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    if not wanted:
+        return exposed
+    inferred = infer_shapes(model)
+    known = {v.name: v for v in inferred.graph.value_info}
+    for name in wanted:
+        vi = known.get(name)
+        exposed.graph.output.append(vi if vi is not None else onnx.ValueInfoProto(name=name))
+    return exposed
+
+
+def _channel_last(model: onnx.ModelProto) -> set[str]:
+    """Tensors read channel-last when subsampled: MatMul left operands and results."""
+    out = set()
+    for n in model.graph.node:
+        if n.op_type == "MatMul":
+            out.add(n.input[0])
+            out.update(n.output)
+    return out
+
+
+def _subsample(arr: np.ndarray, channel_last: bool, max_positions: int,
+               rng: np.random.Generator) -> np.ndarray:
+    """(N, C, *sp) or (N, ..., K) → (rows, features) with ≤ max_positions rows per sample."""
+    if arr.ndim < 3:
+        return arr
+    if channel_last:
+        flat = arr.reshape(arr.shape[0], -1, arr.shape[-1])
+    else:
+        flat = arr.reshape(arr.shape[0], arr.shape[1], -1).transpose(0, 2, 1)
+    n, p, c = flat.shape
+    if p <= max_positions:
+        return flat.reshape(n * p, c)
+    idx = np.stack([rng.choice(p, size=max_positions, replace=False) for _ in range(n)])
+    return np.take_along_axis(flat, idx[:, :, None], axis=1).reshape(n * max_positions, c)
+
+
+def capture(model: onnx.ModelProto, calibration: Any, tensors: list[str], *,
+            provider: str = "cpu", max_positions: int | None = None, seed: int = 0,
+            progress: Callable[[int, int, str], None] | None = None,
+            reducer: Callable[[str, np.ndarray], None] | None = None) -> dict[str, np.ndarray]:
+    """Run the calibration set through ``model`` and collect the named tensors.
+
+    See the module docstring for the shapes returned and the reducer protocol.
+
+    Raises:
+        OnnxlrError: an unknown tensor name, bad calibration data, or ORT failing to run.
+    """
+    from onnxlr import runtime  # lazy: imports onnxruntime
+
+    if max_positions is not None and max_positions < 1:
+        raise OnnxlrError(f"invalid max_positions {max_positions}: must be >= 1")
+    calib = load_calibration(calibration, model)
+    tensors = list(dict.fromkeys(tensors))
+    session = runtime.make_session(expose(model, tensors), provider=provider)
+    last = _channel_last(model)
+    held: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+    done, total = 0, calib.num_samples
+    for b, feeds in enumerate(calib):
+        outputs = runtime.run(session, feeds)
+        for name in tensors:
+            arr = feeds[name] if name in feeds else outputs[name]
+            if max_positions is not None:
+                # seeded by batch and shape: tensors of equal shape get equal positions
+                rng = np.random.default_rng([seed, b, *arr.shape])
+                arr = _subsample(arr, name in last, max_positions, rng)
+            if reducer is not None:
+                reducer(name, arr)
+            else:
+                held[name].append(arr)
+        done += next(iter(feeds.values())).shape[0]
+        if progress:
+            progress(done, total, "calibration")
+    if reducer is not None:
+        result = getattr(reducer, "result", None)
+        return {t: result(t) for t in tensors} if result else {}
+    return {t: np.concatenate(v) if len(v) > 1 else v[0] for t, v in held.items() if v}
+
+
+class GramReducer:
+    """Running float64 E[x xᵀ], mean and count per tensor: a :func:`capture` reducer.
+
+    Rows of a (rows, features) matrix are samples; an array of rank > 2 is read
+    channel-last (use ``max_positions`` to get channel-first maps as rows).
+    """
+
+    def __init__(self) -> None:
+        self._sum: dict[str, np.ndarray] = {}
+        self._gram: dict[str, np.ndarray] = {}
+        self._count: dict[str, int] = {}
+
+    def __call__(self, name: str, array: np.ndarray) -> None:
+        x = np.asarray(array, dtype=np.float64)
+        x = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
+        if name not in self._gram:
+            d = x.shape[1]
+            self._sum[name], self._gram[name], self._count[name] = np.zeros(d), np.zeros((d, d)), 0
+        self._sum[name] += x.sum(axis=0)
+        self._gram[name] += x.T @ x
+        self._count[name] += x.shape[0]
+
+    def result(self, name: str) -> LayerStats:
+        n = self._count.get(name, 0)
+        if n == 0:
+            raise OnnxlrError(f"no calibration rows were captured for tensor {name!r}")
+        return LayerStats(gram=self._gram[name] / n, mean=self._sum[name] / n, count=n)

@@ -1,0 +1,208 @@
+r"""Activation-aware low rank: truncate in the metric of the layer's inputs.
+
+A linear layer ``y = A x + b`` (A: out × d) replaced by ``Â x + b'`` makes the
+output error ``E‖(A − Â)x + (b − b')‖²``. Weight-only SVD minimises ‖A − Â‖_F,
+which weighs every input direction alike; the layer's inputs do not.
+
+With the input covariance ``Σ = E[(x−μ)(x−μ)ᵀ] = L Lᵀ`` and the bias shifted by
+``(A − Â)μ`` (the best bias for any Â), the error is ``‖(A − Â) L‖_F²``, so the
+best rank-k Â is ``[A L]_k L⁻¹``: truncate the *whitened* matrix ``A L``
+(SVD-LLM, Wang et al. 2024, arXiv 2403.07378; Eckart–Young in that metric).
+Without a bias to shift (a bare MatMul) the uncentred moment ``E[x xᵀ]`` takes
+Σ's place and no shift is made. The singular values of ``A L`` are the output
+energy per component, so the rank rules applied to them (``energy:0.95``) keep
+95 % of the layer's output variance, not of its weight energy.
+
+Fallback: when Σ is singular or ill-conditioned (dead ReLU channels, inputs in a
+subspace, too few samples), Cholesky is replaced by the eigendecomposition
+``Σ = Q Λ Qᵀ`` keeping eigenvalues above ``max(Λ)/max_cond``: ``L = Q₊Λ₊^½`` and
+``L⁺ = Λ₊^-½ Q₊ᵀ``. Directions the calibration never excites are then mapped to
+zero (the minimum-norm optimum); ``Whitener.method`` says which path was taken.
+
+Refit (asymmetric reconstruction, Zhang et al. 2015, "Accelerating Very Deep
+Convolutional Networks for Classification and Detection", arXiv 1505.06798):
+for a chain whose last stage is linear, ``y ≈ U (C x) + b'`` with C fixed,
+the least-squares U is ``A Σ Cᵀ (C Σ Cᵀ)⁻¹`` and ``b' = b + (A − U C) μ``.
+
+Everything is float64 numpy on second moments, so memory is O(d²) whatever the
+number of calibration samples.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.linalg
+
+from onnxlr.linalg.svd import as_float64
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LayerStats", "Whitener", "whitener", "whitened_spectrum", "whitened_svd",
+           "WhitenedSVD", "refit_last", "output_error"]
+
+#: eigenvalues below max/MAX_COND count as zero; Cholesky is trusted up to this condition number
+MAX_COND = 1e10
+
+
+@dataclass
+class LayerStats:
+    """Second-order statistics of a layer's input rows x (d features).
+
+    Attributes:
+        gram: E[x xᵀ], (d, d) float64 (uncentred).
+        mean: E[x], (d,).
+        count: rows seen.
+    """
+
+    gram: np.ndarray
+    mean: np.ndarray
+    count: int
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[0])
+
+    def second_moment(self, centred: bool) -> np.ndarray:
+        """Σ (centred) or E[x xᵀ] (uncentred), symmetrised."""
+        m = self.gram - np.outer(self.mean, self.mean) if centred else self.gram
+        return (m + m.T) / 2
+
+    def whitener(self, centred: bool) -> "Whitener":
+        """Cached :func:`whitener` of the chosen second moment."""
+        if centred not in self._cache:
+            self._cache[centred] = whitener(self.second_moment(centred))
+        return self._cache[centred]
+
+
+@dataclass
+class Whitener:
+    """``factor`` L (d, r) with L Lᵀ = Σ and ``inverse`` L⁺ (r, d) with L⁺ L = I."""
+
+    factor: np.ndarray
+    inverse: np.ndarray
+    method: str
+
+
+def whitener(cov: np.ndarray, max_cond: float = MAX_COND) -> Whitener:
+    """Cholesky factor of ``cov``, or the eigen fallback when it is ill-conditioned."""
+    cov = as_float64(cov, 2, "covariance")
+    d = cov.shape[0]
+    try:
+        low = scipy.linalg.cholesky(cov, lower=True)
+        diag = np.abs(np.diag(low))
+        # (max/min diag of L)² is a lower bound on cond(Σ): reject clearly bad factors
+        if d and diag.min() > 0 and (diag.max() / diag.min()) ** 2 < max_cond:
+            inv = scipy.linalg.solve_triangular(low, np.eye(d), lower=True)
+            return Whitener(low, inv, "cholesky")
+        reason = "ill-conditioned"
+    except np.linalg.LinAlgError:
+        reason = "not positive definite"
+    values, vectors = np.linalg.eigh(cov)
+    top = values.max(initial=0.0)
+    keep = values > top / max_cond if top > 0 else np.zeros(d, bool)
+    values, vectors = values[keep], vectors[:, keep]
+    root = np.sqrt(values)
+    logger.debug("whitening: covariance %s, eigen fallback keeps %d of %d", reason, keep.sum(), d)
+    return Whitener(vectors * root, (vectors / root).T,
+                    f"eigen fallback (covariance {reason}; rank {int(keep.sum())} of {d})")
+
+
+def whitened_spectrum(a: np.ndarray, stats: LayerStats, centred: bool) -> np.ndarray:
+    """Singular values of A·L, zero-padded to min(out, d): the output energy per component."""
+    a = as_float64(a, 2)
+    wh = stats.whitener(centred)
+    s = np.linalg.svd(a @ wh.factor, compute_uv=False) if wh.factor.shape[1] else np.zeros(0)
+    out = np.zeros(min(a.shape))
+    out[: min(s.size, out.size)] = s[: out.size]
+    return out
+
+
+@dataclass
+class WhitenedSVD:
+    """``A ≈ left @ right`` in the input metric; ``shift`` is added to the bias (or None).
+
+    ``output_error``: relative output error on the calibration statistics,
+    ‖(A − Â)L‖ / ‖A L‖ (0 when the layer's output does not vary).
+    """
+
+    left: np.ndarray
+    right: np.ndarray
+    shift: np.ndarray | None
+    output_error: float
+    method: str
+
+
+def whitened_svd(a: np.ndarray, stats: LayerStats, k: int, *, centred: bool) -> WhitenedSVD:
+    """Best rank-``k`` Â for the output error on ``stats`` (see the module docstring).
+
+    Args:
+        a: (out, d) map x → A x.
+        stats: input statistics with ``stats.dim == d``.
+        k: rank, ``1 <= k <= min(out, d)``.
+        centred: whiten by the covariance and return a bias shift; else by E[x xᵀ], no shift.
+    """
+    a = as_float64(a, 2)
+    out, d = a.shape
+    if stats.dim != d:
+        raise ValueError(f"statistics have {stats.dim} features, the weight has {d} inputs")
+    if not 1 <= k <= min(out, d):
+        raise ValueError(f"rank must be in [1, {min(out, d)}], got {k}")
+    wh = stats.whitener(centred)
+    r = wh.factor.shape[1]
+    aw = a @ wh.factor  # (out, r)
+    kk = min(k, r)
+    if kk == 0:
+        left, right = np.zeros((out, k)), np.zeros((k, d))
+    else:
+        u, s, vt = scipy.linalg.svd(aw, full_matrices=False, lapack_driver="gesdd")
+        left = np.zeros((out, k))
+        right = np.zeros((k, d))
+        left[:, :kk] = u[:, :kk]
+        right[:kk] = (s[:kk, None] * vt[:kk]) @ wh.inverse
+        signs = np.sign(left[np.argmax(np.abs(left), axis=0), np.arange(k)])
+        signs[signs == 0] = 1.0
+        left, right = left * signs, right * signs[:, None]
+    approx = left @ right
+    shift = (a - approx) @ stats.mean if centred else None
+    err = output_error(a, approx, stats, centred)
+    return WhitenedSVD(left, right, shift, err, wh.method)
+
+
+def output_error(a: np.ndarray, approx: np.ndarray, stats: LayerStats, centred: bool) -> float:
+    """‖(A − Â)L‖_F / ‖A L‖_F from the second moment (relative output error of the layer)."""
+    m = stats.second_moment(centred)
+    diff = a - approx
+    num = float(np.einsum("ij,jk,ik->", diff, m, diff))
+    den = float(np.einsum("ij,jk,ik->", a, m, a))
+    return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+
+
+def refit_last(a: np.ndarray, stage: np.ndarray, stats: LayerStats,
+               ridge: float = 1e-9) -> tuple[np.ndarray, np.ndarray, float]:
+    """Least-squares last factor U (out, r) and bias shift for ``y ≈ U (C x) + b + shift``.
+
+    Args:
+        a: (out, d) the original layer's map.
+        stage: C (r, d), the chain's fixed map up to its last linear factor.
+        stats: input statistics (d features).
+        ridge: relative Tikhonov term on C Σ Cᵀ (keeps dead components at 0).
+
+    Returns:
+        ``(U, shift, rel_error)``: shift = (A − U C) μ, rel_error = ‖(A − UC)L‖/‖AL‖ (centred).
+    """
+    a, stage = as_float64(a, 2), as_float64(stage, 2, "chain stage")
+    cov = stats.second_moment(True)
+    sc = stage @ cov              # (r, d)
+    g = sc @ stage.T              # (r, r)
+    rhs = a @ sc.T                # (out, r)
+    g = (g + g.T) / 2
+    g[np.diag_indices_from(g)] += ridge * max(np.trace(g) / max(g.shape[0], 1), 1e-300)
+    try:
+        u = scipy.linalg.solve(g, rhs.T, assume_a="pos").T
+    except (np.linalg.LinAlgError, ValueError):  # singular even with the ridge: least norm
+        u = np.linalg.lstsq(g, rhs.T, rcond=None)[0].T
+    shift = (a - u @ stage) @ stats.mean
+    return u, shift, output_error(a, u @ stage, stats, True)
