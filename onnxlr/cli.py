@@ -66,6 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not run ONNX Runtime (needs --max-error none)")
     p.add_argument("--cp-max-seconds", type=float, default=60.0,
                    help="time bound for one CP decomposition (default 60)")
+    p.add_argument("--accept", choices=("error", "latency"), default="error",
+                   help="error: keep what meets --max-error (default); latency: also time each "
+                        "layer alone and keep it only if faster, and never return a model "
+                        "measured slower than the input")
+    p.add_argument("--min-layer-speedup", type=float, default=1.05, metavar="X",
+                   help="with --accept latency: a layer must run X times faster alone "
+                        "(default 1.05)")
+    p.add_argument("--provider", default="cpu",
+                   help="ONNX Runtime provider for verification and timing: cpu | cuda | "
+                        "tensorrt (default cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads for verification and timing (default: ORT's)")
+    p.add_argument("--latency-cache", default="default", metavar="PATH",
+                   help="JSON cache of layer timings (default ~/.cache/onnxlr/latency.json; "
+                        "'none' keeps it in memory)")
+    p.add_argument("--no-latency", action="store_true",
+                   help="skip the end-to-end latency measurement at the end")
     p.add_argument("--report", action="append", default=[], metavar="PATH",
                    help="write the report: .json or .md (repeatable)")
 
@@ -134,7 +151,10 @@ def cmd_optimize(args) -> int:
         include=args.include, exclude=args.exclude, layer_ranks=args.layer_rank,
         max_error=args.max_error, on_exceed=args.on_exceed, verify=not args.no_verify,
         input_shapes=shapes, inputs=args.inputs, batch=args.batch,
-        cp_max_seconds=args.cp_max_seconds, progress=_progress)
+        cp_max_seconds=args.cp_max_seconds, accept=args.accept,
+        min_layer_speedup=args.min_layer_speedup, provider=args.provider, threads=args.threads,
+        latency_cache=None if args.latency_cache.lower() == "none" else args.latency_cache,
+        measure_latency=not args.no_verify and not args.no_latency, progress=_progress)
     print(report.to_text())
     target = out if report.bound_met is not False else _rejected_path(out)
     save_model(model, target, protect=[args.model])

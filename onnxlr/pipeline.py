@@ -19,7 +19,9 @@ import onnx
 from onnxlr import __version__
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import to_graph, to_model
+from onnxlr.accept import accept_by_latency, end_to_end
 from onnxlr.io import check_model, load_model
+from onnxlr.latency import DEFAULT_MIN_LAYER_SPEEDUP
 from onnxlr.methods import parse_method
 from onnxlr.passes.base import PassManager
 from onnxlr.passes.constants import ConstantsToInitializers
@@ -73,6 +75,9 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
              max_error: float | None = DEFAULT_MAX_ERROR, on_exceed: str = "revert",
              verify: bool = True, input_shapes: dict | None = None, inputs: str | None = None,
              batch: int = 1, seed: int = 0, cp_max_seconds: float = 60.0,
+             accept: str = "error", min_layer_speedup: float = DEFAULT_MIN_LAYER_SPEEDUP,
+             provider: str = "cpu", threads: int | None = None,
+             latency_cache: str | None = "default", measure_latency: bool = True,
              progress: Callable | None = None) -> tuple[onnx.ModelProto, Report]:
     """Factorise a model's layers and check the result against the original.
 
@@ -91,6 +96,15 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
         inputs: ``.npz`` of real inputs keyed by input name, instead of random ones.
         batch: batch size for a dynamic leading dim of random inputs.
         cp_max_seconds: time bound for one CP decomposition.
+        accept: ``error`` keeps what meets the error bound; ``latency`` also times
+            each factorised layer alone on ``provider`` and keeps it only if it is at
+            least ``min_layer_speedup`` times faster, and returns the input model
+            unchanged if the whole result is not measured faster.
+        provider, threads: ONNX Runtime provider (cpu | cuda | tensorrt) and intra-op
+            threads for verification and latency.
+        latency_cache: JSON file of layer timings (``default``: ~/.cache/onnxlr,
+            None: in memory only).
+        measure_latency: time original and result end to end at the end (needs verify).
 
     Returns:
         The optimised model and a :class:`Report` of every candidate layer.
@@ -104,6 +118,12 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
         raise OnnxlrError("--max-error needs verification: drop --no-verify or use --max-error none")
     if rank_multiple < 1:
         raise OnnxlrError(f"invalid --rank-multiple {rank_multiple}: must be >= 1")
+    if accept not in ("error", "latency"):
+        raise OnnxlrError(f"invalid --accept {accept!r}: choose error or latency")
+    if accept == "latency" and not verify:
+        raise OnnxlrError("--accept latency measures with ONNX Runtime: drop --no-verify")
+    if not min_layer_speedup > 0:
+        raise OnnxlrError(f"invalid --min-layer-speedup {min_layer_speedup}: must be > 0")
     config = FactorizeConfig(methods=parse_method(method), rank=parse_rank(rank),
                              rank_multiple=rank_multiple, include=list(include or []),
                              exclude=list(exclude or []),
@@ -115,21 +135,66 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
     keep: dict[str, str] = {}
     result, records = build(keep)
     report = Report(source=source, method=method, rank=rank, rank_multiple=rank_multiple,
-                    max_error=max_error, records=records)
+                    max_error=max_error, records=records, accept=accept)
     if verify:
         from onnxlr.verify import Verifier  # lazy: imports onnxruntime
         verifier = Verifier(original, input_shapes=input_shapes, npz=inputs, batch=batch,
-                            seed=seed, max_error=max_error)
+                            seed=seed, max_error=max_error, provider=provider)
         comparison = verifier.compare(result)
         if max_error is not None and not comparison and on_exceed == "revert":
             result, records, comparison = _back_off(build, verifier, records, comparison, keep)
+        if accept == "latency":
+            result, records, comparison = _accept_latency(
+                build, verifier, records, keep, comparison, provider=provider, threads=threads,
+                latency_cache=latency_cache, min_layer_speedup=min_layer_speedup,
+                on_exceed=on_exceed)
         report.records, report.comparison = records, comparison
+        if measure_latency or accept == "latency":
+            report.latency = end_to_end(original, result, verifier.feeds, provider=provider,
+                                        threads=threads)
+            if accept == "latency" and report.latency["speedup"] < 1.0:
+                result, report = _give_back(original, report)
+                report.comparison = verifier.compare(result)
         report.accuracy = verifier.accuracies(result)
         report.verify_inputs = verifier.description
     result = add_provenance(result, report)
     check_model(result, what="optimised model")
     report.seconds = time.perf_counter() - t0
     return result, report
+
+
+def _accept_latency(build: _Builder, verifier, records, keep, comparison, *, provider, threads,
+                    latency_cache, min_layer_speedup, on_exceed):
+    """Time each factorised layer alone; keep the fastest candidate ranks of the layers that
+    are faster, revert the rest, then re-check the error bound on the rebuilt model."""
+    from onnxlr.latency import LayerTimer, TimingCache, default_cache_path
+
+    cache = TimingCache(default_cache_path() if latency_cache == "default" else latency_cache)
+    prepared = build.prepared
+    timer = LayerTimer(build.config, {o.domain: o.version for o in prepared.opset_import},
+                       prepared.ir_version, factor_cache=build.cache, timing_cache=cache,
+                       provider=provider, threads=threads)
+    result, records = accept_by_latency(build, verifier, records, keep, timer, min_layer_speedup)
+    comparison = verifier.compare(result)
+    if verifier.max_error is not None and not comparison and on_exceed == "revert":
+        # rounding ranks up only lowers each layer's error, but errors need not add up
+        result, records, comparison = _back_off(build, verifier, records, comparison, keep)
+    return result, records, comparison
+
+
+def _give_back(original: onnx.ModelProto, report: Report) -> tuple[onnx.ModelProto, Report]:
+    """The whole result was not measured faster: return the input model, every layer reverted."""
+    import copy
+
+    lat = report.latency
+    why = (f"the whole model measured {lat['speedup']:.2f}x ({lat['before_ms']:.3g} → "
+           f"{lat['after_ms']:.3g} ms): --accept latency returns the input unchanged")
+    for rec in report.records:
+        if rec.status == FACTORISED:
+            rec.status, rec.reason = REVERTED, why
+    report.latency = {**lat, "returned": "input", "after_ms": lat["before_ms"], "speedup": 1.0,
+                      "rejected_speedup": lat["speedup"]}
+    return copy.deepcopy(original), report
 
 
 def _back_off(build: _Builder, verifier, records, comparison, keep):

@@ -1,0 +1,114 @@
+"""Latency acceptance: keep a factorised layer only if it is measured faster, and the whole
+model only if it is measured faster than the input.
+
+After the error bound has settled each layer's ranks, every factorised layer
+is timed alone (``onnxlr.latency``) at those ranks and at the same ranks
+rounded up to multiples of 8 and 16 (never less accurate, often faster); the
+fastest is kept if its speed-up beats ``min_layer_speedup``, otherwise the
+layer is reverted with the measurement as the reason. The whole model is then
+re-verified and re-measured against the original, side by side; if it is not
+faster, the original is returned: ``accept="latency"`` never hands back a
+slower model.
+"""
+from __future__ import annotations
+
+import logging
+
+import onnx
+
+from onnxlr import runtime
+from onnxlr.graph import to_graph
+from onnxlr.latency import LayerTimer, capture, layer_inputs, pick_fastest, rank_variants
+from onnxlr.methods import METHODS
+from onnxlr.records import FACTORISED, REVERTED, LayerRecord
+from onnxlr.sites import find_site
+
+logger = logging.getLogger(__name__)
+
+
+def time_layers(build, verifier, records: list[LayerRecord], timer: LayerTimer,
+                candidates_for=None) -> dict[str, list]:
+    """Trials for every factorised record: {layer: [Trial, ...]}.
+
+    ``candidates_for(record, full_ranks)`` gives the ranks to try (default: the
+    record's ranks and their rounded-up variants).
+    """
+    graph = to_graph(build.prepared)
+    nodes = {n.name: n for n in graph.nodes}
+    todo = [r for r in records if r.status == FACTORISED and r.name in nodes]
+    wanted = [t.name for r in todo for t in layer_inputs(nodes[r.name])]
+    values = capture(build.prepared, verifier.feeds, wanted, provider=timer.provider)
+    out = {}
+    for rec in todo:
+        node = nodes[rec.name]
+        site = find_site(node)
+        full = METHODS[rec.method]().full_ranks(site)
+        ranks = (candidates_for or _default_candidates)(rec, full)
+        out[rec.name] = timer.trials(node, values, rec.method, ranks)
+    timer.timing_cache.save()
+    return out
+
+
+def _default_candidates(rec: LayerRecord, full) -> list[tuple[int, ...]]:
+    return rank_variants(tuple(rec.ranks), tuple(full))
+
+
+def accept_by_latency(build, verifier, records: list[LayerRecord], keep: dict[str, str],
+                      timer: LayerTimer, min_layer_speedup: float):
+    """Keep the fastest measured candidate of each layer, revert layers that are not faster.
+
+    Returns the rebuilt model and its records (with latency and candidates filled in).
+    """
+    trials = time_layers(build, verifier, records, timer)
+    before = {r.name: r for r in records}
+    chosen = {}
+    for name, options in trials.items():
+        best = pick_fastest(options)
+        chosen[name] = best
+        if best is None or best.speedup < min_layer_speedup:
+            measured = ("could not be timed: " + "; ".join(t.reason for t in options if t.reason)
+                        if best is None else
+                        f"measured {best.speedup:.2f}x alone ({best.ms_before:.3g} → "
+                        f"{best.ms_after:.3g} ms at ranks {best.ranks})")
+            keep[name] = f"{measured}; below --min-layer-speedup {min_layer_speedup:g}"
+        else:
+            build.config.forced_ranks[name] = best.ranks
+            build.config.rank_scale.pop(name, None)  # the ranks already include any back-off
+    result, rebuilt = build(keep)
+    final = []
+    for rec in rebuilt:
+        options, best = trials.get(rec.name), chosen.get(rec.name)
+        if options is not None:
+            if rec.status != FACTORISED and rec.name in keep:
+                reason = keep[rec.name]
+                rec = before[rec.name]
+                rec.status, rec.reason = REVERTED, reason
+            rec.candidates = [t.to_dict(t is best) for t in options]
+            if best is not None:
+                rec.latency_before_ms, rec.latency_after_ms = best.ms_before, best.ms_after
+                rec.extra["local_error"] = best.local_error
+        final.append(rec)
+    return result, final
+
+
+def end_to_end(original: onnx.ModelProto, result: onnx.ModelProto, feeds, *,
+               provider: str = "cpu", threads: int | None = None, iterations: int = 30,
+               max_seconds: float = 10.0) -> dict:
+    """Original vs result, interleaved in one run: medians, speed-up and its spread."""
+    sessions = [runtime.make_session(m, provider=provider, threads=threads)
+                for m in (original, result)]
+    timed = runtime.interleaved_latency(sessions, feeds, warmup=3, iterations=iterations,
+                                        max_seconds=max_seconds)
+    a, b = timed.stats
+    return {"provider": provider, "threads": threads,
+            "batch": _batch(feeds), "iterations": b.iterations,
+            "before_ms": a.median_ms, "after_ms": b.median_ms, "speedup": timed.speedups[1],
+            "p10_before_ms": a.p10_ms, "p90_before_ms": a.p90_ms,
+            "p10_after_ms": b.p10_ms, "p90_after_ms": b.p90_ms}
+
+
+def _batch(feeds) -> int | None:
+    for value in feeds.values():
+        if getattr(value, "ndim", 0) >= 1:
+            return int(value.shape[0])
+    return None
