@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-cache", default="default", metavar="PATH",
                    help="JSON cache of layer timings (default ~/.cache/onnxlr/latency.json; "
                         "'none' keeps it in memory)")
+    p.add_argument("--target-flops", type=float, default=None, metavar="F",
+                   help="budget: MACs of the candidate layers at most F x before (e.g. 0.5); "
+                        "ranks are allocated across layers by measured sensitivity")
+    p.add_argument("--target-speedup", type=float, default=None, metavar="S",
+                   help="budget: the whole model S times faster (e.g. 2.0), from layer timings")
     p.add_argument("--no-latency", action="store_true",
                    help="skip the end-to-end latency measurement at the end")
     p.add_argument("--report", action="append", default=[], metavar="PATH",
@@ -154,7 +159,8 @@ def cmd_optimize(args) -> int:
         cp_max_seconds=args.cp_max_seconds, accept=args.accept,
         min_layer_speedup=args.min_layer_speedup, provider=args.provider, threads=args.threads,
         latency_cache=None if args.latency_cache.lower() == "none" else args.latency_cache,
-        measure_latency=not args.no_verify and not args.no_latency, progress=_progress)
+        measure_latency=not args.no_verify and not args.no_latency,
+        target_flops=args.target_flops, target_speedup=args.target_speedup, progress=_progress)
     print(report.to_text())
     target = out if report.bound_met is not False else _rejected_path(out)
     save_model(model, target, protect=[args.model])

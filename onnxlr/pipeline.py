@@ -78,6 +78,8 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
              accept: str = "error", min_layer_speedup: float = DEFAULT_MIN_LAYER_SPEEDUP,
              provider: str = "cpu", threads: int | None = None,
              latency_cache: str | None = "default", measure_latency: bool = True,
+             target_flops: float | None = None, target_speedup: float | None = None,
+             calib=None, calib_samples: int | None = None,
              progress: Callable | None = None) -> tuple[onnx.ModelProto, Report]:
     """Factorise a model's layers and check the result against the original.
 
@@ -105,6 +107,10 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
         latency_cache: JSON file of layer timings (``default``: ~/.cache/onnxlr,
             None: in memory only).
         measure_latency: time original and result end to end at the end (needs verify).
+        target_flops, target_speedup: a global budget (one of them): MACs of the candidate
+            layers at most this fraction of before, or the whole model this many times faster.
+            Ranks are then allocated across layers by measured sensitivity (``onnxlr.budget``)
+            instead of the rank rule; ``max_error`` still bounds the result.
 
     Returns:
         The optimised model and a :class:`Report` of every candidate layer.
@@ -124,6 +130,11 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
         raise OnnxlrError("--accept latency measures with ONNX Runtime: drop --no-verify")
     if not min_layer_speedup > 0:
         raise OnnxlrError(f"invalid --min-layer-speedup {min_layer_speedup}: must be > 0")
+    budgeted = target_flops is not None or target_speedup is not None
+    if target_flops is not None and target_speedup is not None:
+        raise OnnxlrError("give one budget: --target-flops or --target-speedup, not both")
+    if budgeted and not verify:
+        raise OnnxlrError("a budget is allocated from measurements: drop --no-verify")
     config = FactorizeConfig(methods=parse_method(method), rank=parse_rank(rank),
                              rank_multiple=rank_multiple, include=list(include or []),
                              exclude=list(exclude or []),
@@ -132,21 +143,36 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
     source = model if isinstance(model, str) else None
     original = load_model(model) if isinstance(model, str) else model
     build = _Builder(prepare(original), config, progress)
+    heldout = None
+    if calib is not None:  # data-aware: layer input statistics before the first build
+        from onnxlr.activations import calibrate
+        heldout = calibrate(build.prepared, config, calib, holdout=verify and inputs is None,
+                            max_samples=calib_samples, seed=seed, provider=provider)
     keep: dict[str, str] = {}
-    result, records = build(keep)
+    result, records = (None, []) if budgeted else build(keep)
     report = Report(source=source, method=method, rank=rank, rank_multiple=rank_multiple,
                     max_error=max_error, records=records, accept=accept)
     if verify:
         from onnxlr.verify import Verifier  # lazy: imports onnxruntime
-        verifier = Verifier(original, input_shapes=input_shapes, npz=inputs, batch=batch,
+        verifier = Verifier(original, input_shapes=input_shapes,
+                            npz=heldout.path if heldout else inputs, batch=batch,
                             seed=seed, max_error=max_error, provider=provider)
+        if heldout:
+            verifier.description = heldout.description
+            heldout.cleanup()
+        timer = _timer(build, provider, threads, latency_cache)
+        if budgeted:
+            result, records = _allocate(build, verifier, keep, report, timer, original,
+                                        target_flops=target_flops,
+                                        target_speedup=target_speedup, progress=progress)
         comparison = verifier.compare(result)
         if max_error is not None and not comparison and on_exceed == "revert":
             result, records, comparison = _back_off(build, verifier, records, comparison, keep)
+            if report.budget is not None:
+                report.budget["backed_off"] = True
         if accept == "latency":
             result, records, comparison = _accept_latency(
-                build, verifier, records, keep, comparison, provider=provider, threads=threads,
-                latency_cache=latency_cache, min_layer_speedup=min_layer_speedup,
+                build, verifier, records, keep, timer, min_layer_speedup=min_layer_speedup,
                 on_exceed=on_exceed)
         report.records, report.comparison = records, comparison
         if measure_latency or accept == "latency":
@@ -155,6 +181,8 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
             if accept == "latency" and report.latency["speedup"] < 1.0:
                 result, report = _give_back(original, report)
                 report.comparison = verifier.compare(result)
+        if report.budget is not None:
+            _settle_budget(report)
         report.accuracy = verifier.accuracies(result)
         report.verify_inputs = verifier.description
     result = add_provenance(result, report)
@@ -163,17 +191,75 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
     return result, report
 
 
-def _accept_latency(build: _Builder, verifier, records, keep, comparison, *, provider, threads,
-                    latency_cache, min_layer_speedup, on_exceed):
-    """Time each factorised layer alone; keep the fastest candidate ranks of the layers that
-    are faster, revert the rest, then re-check the error bound on the rebuilt model."""
+def _timer(build: _Builder, provider, threads, latency_cache):
+    """The layer timer shared by latency acceptance and budgets (same factor cache)."""
     from onnxlr.latency import LayerTimer, TimingCache, default_cache_path
 
     cache = TimingCache(default_cache_path() if latency_cache == "default" else latency_cache)
     prepared = build.prepared
-    timer = LayerTimer(build.config, {o.domain: o.version for o in prepared.opset_import},
-                       prepared.ir_version, factor_cache=build.cache, timing_cache=cache,
-                       provider=provider, threads=threads)
+    return LayerTimer(build.config, {o.domain: o.version for o in prepared.opset_import},
+                      prepared.ir_version, factor_cache=build.cache, timing_cache=cache,
+                      provider=provider, threads=threads)
+
+
+def _allocate(build: _Builder, verifier, keep, report: Report, timer, original, *,
+              target_flops, target_speedup, progress):
+    """Measure every layer's ladder, allocate ranks greedily for the budget, build."""
+    from onnxlr import budget
+
+    layers = budget.selected_layers(build)
+    ladders = budget.build_ladders(build, verifier.feeds, layers, timer,
+                                   max(8, build.config.rank_multiple), progress=progress)
+    model_ms = None
+    if target_speedup is not None:
+        model_ms = end_to_end(original, original, verifier.feeds, provider=timer.provider,
+                              threads=timer.threads, iterations=20)["before_ms"]
+    macs_total = sum(r.macs_before for r in layers)
+    ranks, account = budget.plan(ladders, target_flops=target_flops,
+                                 target_speedup=target_speedup, macs_total=macs_total,
+                                 model_ms=model_ms)
+    account["model_ms_before"] = model_ms
+    report.budget = account
+    build.config.forced_ranks.update(ranks)
+    for rec in layers:
+        if rec.name not in ranks:
+            keep[rec.name] = "budget: the target was met without this layer"
+    result, records = build(keep)
+    by_name = {lad.name: lad for lad in ladders}
+    for rec in records:
+        lad = by_name.get(rec.name)
+        if lad is not None:
+            rec.candidates = [t.to_dict(t.ranks == rec.ranks) for t in lad.options]
+            chosen = next((t for t in lad.options if t.ranks == rec.ranks), None)
+            if chosen is not None:
+                rec.latency_before_ms, rec.latency_after_ms = chosen.ms_before, chosen.ms_after
+                rec.extra["local_error"] = chosen.local_error
+    return result, records
+
+
+def _settle_budget(report: Report) -> None:
+    """Achieved values next to the targets, and which constraint bound."""
+    b = report.budget
+    macs_ratio = report.macs_after / report.macs_before if report.macs_before else 1.0
+    speedup = (report.latency or {}).get("speedup")
+    b["achieved_macs_ratio"], b["achieved_speedup"] = macs_ratio, speedup
+    met = (macs_ratio <= b["target_flops"] + 1e-9 if b["target_flops"] is not None
+           else speedup is not None and speedup >= b["target_speedup"])
+    b["target_met"] = met
+    if met:
+        b["bound"] = "target"
+    elif not b["reachable"]:
+        b["bound"] = "target unreachable: every layer at its cheapest measured option"
+    elif b.get("backed_off"):
+        b["bound"] = "max-error: ranks grown to meet the error bound"
+    else:
+        b["bound"] = "measurement: layer timings alone over-predicted the whole-model speed-up"
+
+
+def _accept_latency(build: _Builder, verifier, records, keep, timer, *, min_layer_speedup,
+                    on_exceed):
+    """Time each factorised layer alone; keep the fastest candidate ranks of the layers that
+    are faster, revert the rest, then re-check the error bound on the rebuilt model."""
     result, records = accept_by_latency(build, verifier, records, keep, timer, min_layer_speedup)
     comparison = verifier.compare(result)
     if verifier.max_error is not None and not comparison and on_exceed == "revert":
@@ -201,6 +287,7 @@ def _back_off(build: _Builder, verifier, records, comparison, keep):
     """Grow the ranks of the layer that alone adds most output error (×2 each time), or revert
     it once bigger ranks stop saving work, until the bound holds."""
     first = {r.name: r for r in records}
+    entered = dict(first)
 
     def alone(name: str) -> tuple[float | None, LayerRecord]:
         others = {r.name: "measuring one layer alone" for r in records
@@ -233,6 +320,9 @@ def _back_off(build: _Builder, verifier, records, comparison, keep):
             rec = first[rec.name]  # keep the method, ranks and errors of its last try
             rec.status, rec.reason = REVERTED, reverted[rec.name]
         rec.output_error = measured.get(rec.name, rec.output_error)
+        earlier = entered.get(rec.name)
+        if earlier is not None and not rec.candidates:  # measurements of a budget's search
+            rec.candidates = earlier.candidates
         final.append(rec)
     return result, final, comparison
 
