@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
                    help="shape for an input with dynamic dims (repeatable)")
     p.add_argument("--inputs", metavar="NPZ", help=".npz of real inputs keyed by input name")
+    p.add_argument("--calib", metavar="PATH",
+                   help="calibration inputs (.npz keyed by input name, first axis = samples, or a "
+                        "folder of .npy/.npz): data-aware factorisation; without --inputs, "
+                        "verification uses held-out calibration samples")
+    p.add_argument("--calib-samples", type=int, default=None, metavar="N",
+                   help="use at most N calibration samples")
     p.add_argument("--batch", type=int, default=1, help="batch size for random inputs (default 1)")
     p.add_argument("--no-verify", action="store_true",
                    help="do not run ONNX Runtime (needs --max-error none)")
@@ -160,7 +166,8 @@ def cmd_optimize(args) -> int:
         min_layer_speedup=args.min_layer_speedup, provider=args.provider, threads=args.threads,
         latency_cache=None if args.latency_cache.lower() == "none" else args.latency_cache,
         measure_latency=not args.no_verify and not args.no_latency,
-        target_flops=args.target_flops, target_speedup=args.target_speedup, progress=_progress)
+        target_flops=args.target_flops, target_speedup=args.target_speedup,
+        calib=args.calib, calib_samples=args.calib_samples, progress=_progress)
     print(report.to_text())
     target = out if report.bound_met is not False else _rejected_path(out)
     save_model(model, target, protect=[args.model])

@@ -111,6 +111,13 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
             layers at most this fraction of before, or the whole model this many times faster.
             Ranks are then allocated across layers by measured sensitivity (``onnxlr.budget``)
             instead of the rank rule; ``max_error`` still bounds the result.
+        calib: calibration inputs (a ``.npz``, a folder of ``.npy``/``.npz``, or an iterable
+            of feed dicts; see ``onnxlr.calib``): the layers' input statistics are captured
+            once and the methods become data-aware (whitened SVD ranks and truncation, least-
+            squares refit of Tucker/CP's last stage; ``onnxlr.linalg.whiten``). Without
+            ``inputs``, verification runs on held-out calibration samples (the last fifth,
+            at most 256; random inputs when fewer than 10), as ``report.verify_inputs`` says.
+        calib_samples: use at most this many calibration samples.
 
     Returns:
         The optimised model and a :class:`Report` of every candidate layer.
@@ -147,7 +154,8 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
     if calib is not None:  # data-aware: layer input statistics before the first build
         from onnxlr.activations import calibrate
         heldout = calibrate(build.prepared, config, calib, holdout=verify and inputs is None,
-                            max_samples=calib_samples, seed=seed, provider=provider)
+                            max_samples=calib_samples, seed=seed, provider=provider,
+                            progress=progress)
     keep: dict[str, str] = {}
     result, records = (None, []) if budgeted else build(keep)
     report = Report(source=source, method=method, rank=rank, rank_multiple=rank_multiple,

@@ -124,8 +124,8 @@ def whitened_spectrum(a: np.ndarray, stats: LayerStats, centred: bool) -> np.nda
 class WhitenedSVD:
     """``A ≈ left @ right`` in the input metric; ``shift`` is added to the bias (or None).
 
-    ``output_error``: relative output error on the calibration statistics,
-    ‖(A − Â)L‖ / ‖A L‖ (0 when the layer's output does not vary).
+    ``output_error``: relative output error on the calibration statistics
+    (:func:`output_error`, with the shift applied).
     """
 
     left: np.ndarray
@@ -167,21 +167,29 @@ def whitened_svd(a: np.ndarray, stats: LayerStats, k: int, *, centred: bool) -> 
         left, right = left * signs, right * signs[:, None]
     approx = left @ right
     shift = (a - approx) @ stats.mean if centred else None
-    err = output_error(a, approx, stats, centred)
-    return WhitenedSVD(left, right, shift, err, wh.method)
+    return WhitenedSVD(left, right, shift, output_error(a, approx, stats, shift), wh.method)
 
 
-def output_error(a: np.ndarray, approx: np.ndarray, stats: LayerStats, centred: bool) -> float:
-    """‖(A − Â)L‖_F / ‖A L‖_F from the second moment (relative output error of the layer)."""
-    m = stats.second_moment(centred)
+def output_error(a: np.ndarray, approx: np.ndarray, stats: LayerStats,
+                 shift: np.ndarray | None = None) -> float:
+    """Layer output error on the calibration statistics, relative to the output's spread.
+
+    ``sqrt(E‖(A − Â)x − shift‖²) / sqrt(E‖A(x − μ)‖²)``, with the bias moved by
+    ``shift`` (None: bias unchanged); 0 when the output does not vary and nothing differs.
+    """
     diff = a - approx
-    num = float(np.einsum("ij,jk,ik->", diff, m, diff))
-    den = float(np.einsum("ij,jk,ik->", a, m, a))
-    return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+    dmu = diff @ stats.mean
+    num = float(np.einsum("ij,jk,ik->", diff, stats.gram, diff))
+    if shift is not None:
+        num += float(shift @ shift) - 2.0 * float(shift @ dmu)
+    den = float(np.einsum("ij,jk,ik->", a, stats.second_moment(True), a))
+    if den <= 0:
+        return 0.0 if num <= 1e-300 else float("inf")
+    return float(np.sqrt(max(num, 0.0) / den))
 
 
 def refit_last(a: np.ndarray, stage: np.ndarray, stats: LayerStats,
-               ridge: float = 1e-9) -> tuple[np.ndarray, np.ndarray, float]:
+               ridge: float = 1e-6) -> tuple[np.ndarray, np.ndarray, float]:
     """Least-squares last factor U (out, r) and bias shift for ``y ≈ U (C x) + b + shift``.
 
     Args:
@@ -191,7 +199,7 @@ def refit_last(a: np.ndarray, stage: np.ndarray, stats: LayerStats,
         ridge: relative Tikhonov term on C Σ Cᵀ (keeps dead components at 0).
 
     Returns:
-        ``(U, shift, rel_error)``: shift = (A − U C) μ, rel_error = ‖(A − UC)L‖/‖AL‖ (centred).
+        ``(U, shift, rel_error)``: shift = (A − U C) μ, rel_error from :func:`output_error`.
     """
     a, stage = as_float64(a, 2), as_float64(stage, 2, "chain stage")
     cov = stats.second_moment(True)
@@ -205,4 +213,4 @@ def refit_last(a: np.ndarray, stage: np.ndarray, stats: LayerStats,
     except (np.linalg.LinAlgError, ValueError):  # singular even with the ridge: least norm
         u = np.linalg.lstsq(g, rhs.T, rcond=None)[0].T
     shift = (a - u @ stage) @ stats.mean
-    return u, shift, output_error(a, u @ stage, stats, True)
+    return u, shift, output_error(a, u @ stage, stats, shift)

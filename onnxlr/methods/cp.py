@@ -10,20 +10,51 @@ Rank: ``--rank 32`` is the CP rank itself. Other rules (ratio, energy, vbmf)
 have no CP spectrum to look at, so the rule picks Tucker-2 ranks on the
 channel unfoldings and the CP rank is the one with the same MACs as that
 Tucker-2 chain: both methods then get the same budget from the same rule.
+
+Data-aware (``stats``: the conv's input patch statistics): the Tucker-2 ranks
+behind the budget come from the whitened spectra, and after ALS the output 1×1
+conv (``out_factor``) and the bias are refit by least squares on the
+calibration patches (Zhang et al. 2015's asymmetric reconstruction), which also
+repairs part of what a bounded ALS left behind.
 """
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxlr.graph import NameScope
 from onnxlr.methods.base import Factors, Method, bias_params, constant, detach, new_node, ones
+from onnxlr.linalg.whiten import LayerStats, output_error, refit_last
+from onnxlr.methods.svd import shifted_bias
 from onnxlr.methods.tucker import TuckerMethod, mode_ranks
 from onnxlr.rank import FixedRank, RankSelector
 from onnxlr.sites import LayerSite
+
+
+def refit_cp(site: LayerSite, cp, stats: LayerStats):
+    """``cp`` with ``out_factor`` and a bias shift refit on the calibration patch statistics."""
+    from onnxlr.linalg.cp import CP, cp_to_tensor
+
+    @dataclass
+    class RefitCP(CP):
+        bias_shift: np.ndarray | None = None
+
+    w = site.weight.astype(np.float64)
+    t, s = w.shape[:2]
+    kk = math.prod(w.shape[2:])
+    a = w.reshape(t, s * kk)
+    r = cp.out_factor.shape[1]
+    before = output_error(a, cp.reconstruct().reshape(t, s * kk), stats)
+    stage = cp_to_tensor([np.eye(r), cp.in_factor, *cp.spatial]).reshape(r, s * kk)
+    out_factor, shift, after = refit_last(a, stage, stats)
+    err = float(np.linalg.norm(a - out_factor @ stage) / max(np.linalg.norm(a), 1e-300))
+    refit = RefitCP(out_factor, cp.in_factor, list(cp.spatial), err, cp.iterations, cp.seconds,
+                    shift)
+    return refit, f"refit on calibration data: layer output error {before:.4g} -> {after:.4g}"
 
 
 class CpMethod(Method):
@@ -35,12 +66,15 @@ class CpMethod(Method):
         self.max_seconds = max_seconds
         self.max_iter = max_iter
 
-    def choose_ranks(self, site: LayerSite, selector: RankSelector, multiple: int):
+    data_aware = True
+
+    def choose_ranks(self, site: LayerSite, selector: RankSelector, multiple: int,
+                     stats: LayerStats | None = None):
         t, s = site.weight.shape[:2]
         if isinstance(selector, FixedRank):
             rank = selector.rank
         else:
-            tucker = mode_ranks(site, selector, multiple)
+            tucker = mode_ranks(site, selector, multiple, stats)
             if tucker == (t, s):
                 return (f"rank rule '{selector.spec}' kept both channel modes at full rank: "
                         f"nothing to gain")
@@ -68,13 +102,16 @@ class CpMethod(Method):
             macs += r * k * positions
         return params, macs
 
-    def decompose(self, site: LayerSite, ranks) -> Factors:
+    def decompose(self, site: LayerSite, ranks, stats: LayerStats | None = None) -> Factors:
         from onnxlr.linalg.cp import cp_conv  # lazy: ALS machinery is only needed when used
         (r,) = ranks
         t0 = time.perf_counter()
         result = cp_conv(site.weight.astype(np.float64), r, max_iter=self.max_iter,
                          max_seconds=self.max_seconds)
         notes = f"{result.iterations} ALS iterations"
+        if stats is not None:
+            result, note = refit_cp(site, result, stats)
+            notes += "; " + note
         return Factors(result, float(result.rel_error), time.perf_counter() - t0, notes)
 
     def build(self, graph: gs.Graph, site: LayerSite, factors: Factors, names: NameScope) -> None:
@@ -91,6 +128,8 @@ class CpMethod(Method):
             auto_pad = auto_pad.decode()
         node, prefix = site.node, f"{site.name}/cp"
         bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        if getattr(cp, "bias_shift", None) is not None:
+            bias = constant(names, f"{prefix}/bias", shifted_bias(site, cp.bias_shift), dtype)
         x, y = detach(site)
         plain = {"strides": [1] * d, "pads": [0] * (2 * d), "dilations": [1] * d, "group": 1}
         h = new_node(graph, names, f"{prefix}/conv_in", "Conv",

@@ -10,6 +10,13 @@ Fast R-CNN, 2015, sect. 3.1). It pays only when k < m·n/(m+n).
   decomposition, Zhang et al. 2015): a conv with r filters and the original
   kernel, stride, pads and dilation, then a 1×1 conv r→T with the bias. For a
   1×1 conv this is the plain SVD of the T×S matrix.
+
+Data-aware (``stats``: the layer's input rows / conv patches, from calibration
+data): the truncation is done on the whitened matrix (``onnxlr.linalg.whiten``),
+and the rank rules see the whitened spectrum, so ``energy:0.95`` keeps 95% of
+the layer's output variance. Gemm and Conv whiten by the input covariance and
+absorb the mean's share of the error into their bias (a bias is created if
+the layer had none); a MatMul has no bias, so it whitens by E[x xᵀ].
 """
 from __future__ import annotations
 
@@ -20,20 +27,44 @@ import onnx_graphsurgeon as gs
 
 from onnxlr.graph import NameScope
 from onnxlr.linalg.svd import singular_values, truncated_svd
+from onnxlr.linalg.whiten import LayerStats, whitened_spectrum, whitened_svd
 from onnxlr.methods.base import (Factors, Method, bias_params, conv_attrs, constant, detach,
                                  new_node, ones, select_rank)
 from onnxlr.rank import RankSelector
 from onnxlr.sites import LayerSite
 
 
+def linear_map(site: LayerSite) -> tuple[np.ndarray, bool]:
+    """(A, centred): the layer as y = A·x (out × in) and whether its bias can absorb a shift."""
+    if site.kind == "gemm":
+        node = site.node
+        has_c = len(node.inputs) > 2 and bool(node.inputs[2].name)
+        return site.matrix.T, not has_c or site.bias is not None  # a computed C cannot shift
+    if site.kind == "matmul":
+        return site.matrix.T, False
+    return site.matrix, True
+
+
+def shifted_bias(site: LayerSite, shift: np.ndarray) -> np.ndarray:
+    """The layer's bias (zero if none) plus a data-aware shift."""
+    return (site.bias.astype(np.float64) if site.bias is not None else 0.0) + shift
+
+
 class SvdMethod(Method):
     name = "svd"
     kinds = frozenset({"gemm", "matmul", "conv1x1", "conv"})
     help = "truncated SVD: Gemm/MatMul → two matrix products; Conv → k×k conv (r filters) + 1×1"
+    data_aware = True
 
-    def choose_ranks(self, site: LayerSite, selector: RankSelector, multiple: int):
+    def choose_ranks(self, site: LayerSite, selector: RankSelector, multiple: int,
+                     stats: LayerStats | None = None):
         m, n = site.matrix.shape
-        k = select_rank(selector, singular_values(site.matrix), m, n, multiple)
+        if stats is not None:
+            a, centred = linear_map(site)
+            spectrum = whitened_spectrum(a, stats, centred)
+        else:
+            spectrum = singular_values(site.matrix)
+        k = select_rank(selector, spectrum, m, n, multiple)
         if k == 0:
             return (f"rank rule '{selector.spec}' chose rank 0 (no singular value above the "
                     f"noise level): layer kept rather than removed")
@@ -48,16 +79,29 @@ class SvdMethod(Method):
         # Both products run at the output positions (a conv's first half keeps the stride).
         return k * (m + n) + bias_params(site), k * (m + n) * site.out_positions
 
-    def decompose(self, site: LayerSite, ranks) -> Factors:
+    def decompose(self, site: LayerSite, ranks, stats: LayerStats | None = None) -> Factors:
+        """Factors ``(a, b)`` with ``matrix ≈ a @ b``; with ``stats``, ``(a, b, bias shift)``."""
         (k,) = ranks
         t0 = time.perf_counter()
         w = site.matrix.astype(np.float64)
-        a, b = truncated_svd(w, k)
+        if stats is None:
+            a, b = truncated_svd(w, k)
+            err = float(np.linalg.norm(w - a @ b) / max(np.linalg.norm(w), 1e-300))
+            return Factors((a, b), err, time.perf_counter() - t0)
+        lin, centred = linear_map(site)
+        ws = whitened_svd(lin, stats, k, centred=centred)
+        if site.kind in ("gemm", "matmul"):  # matrix = Aᵀ ≈ rightᵀ · leftᵀ
+            a, b = ws.right.T, ws.left.T
+        else:
+            a, b = ws.left, ws.right
         err = float(np.linalg.norm(w - a @ b) / max(np.linalg.norm(w), 1e-300))
-        return Factors((a, b), err, time.perf_counter() - t0)
+        notes = (f"data-aware (whitened, {ws.method}); calibration output error "
+                 f"{ws.output_error:.4g}")
+        return Factors((a, b, ws.shift), err, time.perf_counter() - t0, notes)
 
     def build(self, graph: gs.Graph, site: LayerSite, factors: Factors, names: NameScope) -> None:
-        a, b = factors.arrays
+        a, b = factors.arrays[:2]
+        shift = factors.arrays[2] if len(factors.arrays) > 2 else None
         dtype = site.weight.dtype
         node = site.node
         prefix = f"{site.name}/svd"
@@ -65,6 +109,8 @@ class SvdMethod(Method):
             attrs = node.attrs
             alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
             c = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+            if shift is not None:
+                c, beta = _gemm_bias(names, prefix, site, c, alpha * shift, beta, dtype)
             x, y = detach(site)
             h = new_node(graph, names, f"{prefix}/gemm_in", "Gemm",
                          [x, constant(names, f"{prefix}/U", a, dtype)],
@@ -86,6 +132,8 @@ class SvdMethod(Method):
             t, s, kernel = w.shape[0], w.shape[1], w.shape[2:]
             k = a.shape[1]
             bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+            if shift is not None:
+                bias = constant(names, f"{prefix}/bias", shifted_bias(site, shift), dtype)
             x, y = detach(site)
             first = b.reshape((k, s) + tuple(kernel))
             h = new_node(graph, names, f"{prefix}/conv_in", "Conv",
@@ -97,3 +145,14 @@ class SvdMethod(Method):
                 inputs.append(bias)
             new_node(graph, names, f"{prefix}/conv_out", "Conv", inputs,
                      conv_attrs(site, ones(len(kernel)), geometry=False), y, dtype)
+
+
+def _gemm_bias(names: NameScope, prefix: str, site: LayerSite, c, shift: np.ndarray,
+               beta: float, dtype) -> tuple[gs.Constant, float]:
+    """Gemm's C with ``shift`` (output units) added: C + shift/β, or shift with β = 1."""
+    from onnxlr.graph import constant_value
+
+    value = constant_value(c) if c is not None else None
+    if value is None or beta == 0.0:
+        return constant(names, f"{prefix}/C", shift, dtype), 1.0
+    return constant(names, f"{prefix}/C", value.astype(np.float64) + shift / beta, dtype), beta

@@ -9,29 +9,89 @@ to the mode-0 (T × S·k..) and mode-1 (S × T·k..) unfoldings, as Kim et al. d
 with VBMF. A mode whose rank is its full size (or whose rule says 0, e.g. an
 RGB input conv with S = 3) stays unfactorised: its factor is folded into the
 core and the matching 1×1 conv is not emitted.
+
+Data-aware (``stats``: the conv's input patch statistics from calibration
+data): ranks come from the whitened spectra (mode 0: the T × S·k.. matrix in
+the patch metric; mode 1: the input-channel unfolding in the channel metric),
+and after HOOI the last linear stage — the output 1×1 conv, or the core when
+the output mode is unfactorised — and the bias are refit by least squares so
+that the chain's outputs match the original's on the calibration patches
+(asymmetric reconstruction, Zhang et al. 2015, arXiv 1505.06798).
 """
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxlr.graph import NameScope
-from onnxlr.linalg.tucker import tucker2, unfolding_singular_values
+from onnxlr.linalg.tucker import Tucker2, mode_products, tucker2, unfold, unfolding_singular_values
+from onnxlr.linalg.whiten import LayerStats, output_error, refit_last, whitened_spectrum
 from onnxlr.methods.base import (Factors, Method, bias_params, conv_attrs, constant, detach,
                                  kernel_size, new_node, ones, select_rank)
+from onnxlr.methods.svd import shifted_bias
 from onnxlr.rank import RankSelector
 from onnxlr.sites import LayerSite
 
 
-def mode_ranks(site: LayerSite, selector: RankSelector, multiple: int) -> tuple[int, int]:
+@dataclass
+class RefitTucker2(Tucker2):
+    """A Tucker-2 whose last stage was refit on calibration data; ``bias_shift`` joins the bias."""
+
+    bias_shift: np.ndarray | None = None
+
+
+def channel_stats(stats: LayerStats, s: int, kk: int) -> LayerStats:
+    """Input-channel statistics from patch statistics (averaged over kernel offsets)."""
+    g = stats.gram.reshape(s, kk, s, kk)
+    return LayerStats(np.einsum("akbk->ab", g) / kk, stats.mean.reshape(s, kk).mean(axis=1),
+                      stats.count)
+
+
+def mode_spectra(site: LayerSite, stats: LayerStats | None) -> tuple[np.ndarray, np.ndarray]:
+    """Spectra of the mode-0 and mode-1 unfoldings, whitened by the inputs when ``stats``."""
+    w = site.weight
+    if stats is None:
+        return unfolding_singular_values(w, 0), unfolding_singular_values(w, 1)
+    t, s, kk = w.shape[0], w.shape[1], kernel_size(site)
+    w64 = w.astype(np.float64)
+    return (whitened_spectrum(w64.reshape(t, s * kk), stats, True),
+            whitened_spectrum(unfold(w64, 1).T, channel_stats(stats, s, kk), True))
+
+
+def mode_ranks(site: LayerSite, selector: RankSelector, multiple: int,
+               stats: LayerStats | None = None) -> tuple[int, int]:
     """(R_out, R_in) from the rank rule on the two channel unfoldings; 0 or full → full size."""
     w = site.weight
     t, s, kk = w.shape[0], w.shape[1], kernel_size(site)
-    r_out = select_rank(selector, unfolding_singular_values(w, 0), t, s * kk, multiple)
-    r_in = select_rank(selector, unfolding_singular_values(w, 1), s, t * kk, multiple)
+    s0, s1 = mode_spectra(site, stats)
+    r_out = select_rank(selector, s0, t, s * kk, multiple)
+    r_in = select_rank(selector, s1, s, t * kk, multiple)
     return (r_out if 0 < r_out < t else t), (r_in if 0 < r_in < s else s)
+
+
+def refit_tucker(site: LayerSite, tk: Tucker2, stats: LayerStats) -> tuple[RefitTucker2, str]:
+    """Refit the chain's last linear stage and bias on the calibration patch statistics."""
+    w = site.weight.astype(np.float64)
+    t, s, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
+    kk = math.prod(kernel)
+    a = w.reshape(t, s * kk)
+    r_out, r_in = tk.core.shape[:2]
+    before = output_error(a, tk.reconstruct().reshape(t, s * kk), stats)
+    core, u_out = tk.core, tk.u_out
+    if r_out < t:  # stage: input 1×1 and core; refit the output 1×1
+        stage = np.einsum("oik,si->osk", core.reshape(r_out, r_in, kk), tk.u_in)
+        u_out, shift, after = refit_last(a, stage.reshape(r_out, s * kk), stats)
+    else:  # output mode unfactorised: stage is the input 1×1 per offset; refit the core
+        core_mat, shift, after = refit_last(a, np.kron(tk.u_in.T, np.eye(kk)), stats)
+        core = core_mat.reshape((t, r_in) + kernel)
+    approx = mode_products(core, u_out, tk.u_in)
+    err = float(np.linalg.norm(w - approx) / max(np.linalg.norm(w), 1e-300))
+    note = f"refit on calibration data: layer output error {before:.4g} -> {after:.4g}"
+    return RefitTucker2(core, u_out, tk.u_in, err, shift), note
 
 
 class TuckerMethod(Method):
@@ -39,8 +99,11 @@ class TuckerMethod(Method):
     kinds = frozenset({"conv"})
     help = "Tucker-2 on the channel modes: 1×1 → k×k core → 1×1 (Kim et al. 2015)"
 
-    def choose_ranks(self, site: LayerSite, selector: RankSelector, multiple: int):
-        r_out, r_in = mode_ranks(site, selector, multiple)
+    data_aware = True
+
+    def choose_ranks(self, site: LayerSite, selector: RankSelector, multiple: int,
+                     stats: LayerStats | None = None):
+        r_out, r_in = mode_ranks(site, selector, multiple, stats)
         t, s = site.weight.shape[:2]
         if r_out == t and r_in == s:
             return (f"rank rule '{selector.spec}' kept both channel modes at full rank "
@@ -64,10 +127,13 @@ class TuckerMethod(Method):
             macs += r_out * t * site.out_positions
         return params, macs
 
-    def decompose(self, site: LayerSite, ranks) -> Factors:
+    def decompose(self, site: LayerSite, ranks, stats: LayerStats | None = None) -> Factors:
         t0 = time.perf_counter()
         result = tucker2(site.weight.astype(np.float64), tuple(ranks))
-        return Factors(result, float(result.rel_error), time.perf_counter() - t0)
+        if stats is None:
+            return Factors(result, float(result.rel_error), time.perf_counter() - t0)
+        refit, note = refit_tucker(site, result, stats)
+        return Factors(refit, float(refit.rel_error), time.perf_counter() - t0, note)
 
     def build(self, graph: gs.Graph, site: LayerSite, factors: Factors, names: NameScope) -> None:
         tk = factors.arrays
@@ -83,6 +149,8 @@ class TuckerMethod(Method):
             core = np.einsum("oi...,to->ti...", core, u_out)
         node, prefix = site.node, f"{site.name}/tucker"
         bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        if getattr(tk, "bias_shift", None) is not None:
+            bias = constant(names, f"{prefix}/bias", shifted_bias(site, tk.bias_shift), dtype)
         x, y = detach(site)
         h = x
         if r_in < s:

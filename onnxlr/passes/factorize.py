@@ -12,7 +12,7 @@ import fnmatch
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import onnx_graphsurgeon as gs
 
@@ -43,6 +43,16 @@ class FactorizeConfig:
     #: exact ranks per layer name, chosen by a search (latency acceptance, budgets); wins over
     #: the rank rule and ``rank_scale``
     forced_ranks: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: per-layer input statistics from calibration data ({layer name: onnxlr.linalg.whiten.
+    #: LayerStats}, see onnxlr.activations); methods with ``data_aware`` then choose ranks on
+    #: the whitened spectrum and decompose for the layer's output error, not its weight error
+    calibration: Any = None
+
+    def stats_for(self, name: str, method: Method):
+        """The layer's calibration statistics when the method can use them, else None."""
+        if not self.calibration or not getattr(method, "data_aware", False):
+            return None
+        return self.calibration.get(name)
 
     def rank_for(self, name: str) -> RankSelector:
         for pattern, selector in self.layer_ranks:  # first match wins, like --include
@@ -125,7 +135,10 @@ class Factorize(Pass):
                           zip(self.config.forced_ranks[node.name], method.full_ranks(site)))
             record.rank_rule = f"searched ({selector.spec})"
         else:
-            ranks = method.choose_ranks(site, selector, self.config.rank_multiple)
+            stats = self.config.stats_for(node.name, method)
+            ranks = (method.choose_ranks(site, selector, self.config.rank_multiple, stats=stats)
+                     if stats is not None else
+                     method.choose_ranks(site, selector, self.config.rank_multiple))
         if isinstance(ranks, str):
             record.reason = ranks
             return record
@@ -145,14 +158,18 @@ class Factorize(Pass):
         record.seconds = time.perf_counter() - t0
         if factors.notes:
             record.extra["notes"] = factors.notes
+        if self.config.stats_for(node.name, method) is not None:
+            record.extra["data_aware"] = True
         logger.info("%s: %s ranks %s, weight error %.4f", node.name, method_name, record.ranks,
                     record.weight_error)
         return record
 
     def _factors(self, method: Method, site: LayerSite, ranks: tuple[int, ...]) -> Factors:
-        key = (site.name, method.name, ranks)
+        stats = self.config.stats_for(site.name, method)
+        key = (site.name, method.name, ranks, stats is not None)
         if key not in self.cache:
-            self.cache[key] = method.decompose(site, ranks)
+            self.cache[key] = (method.decompose(site, ranks, stats=stats) if stats is not None
+                               else method.decompose(site, ranks))
         return self.cache[key]
 
 
