@@ -95,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-latency", action="store_true",
                    help="skip the end-to-end latency measurement at the end")
     p.add_argument("--report", action="append", default=[], metavar="PATH",
-                   help="write the report: .json or .md (repeatable)")
+                   help="write the report: .json, .md or .html (repeatable)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile each layer's time inside the whole model, original vs result "
+                        "(ONNX Runtime profiling), for the report")
 
     p = sub.add_parser("inspect", help="list candidate layers and the ranks each rule would pick")
     _common(p)
@@ -134,11 +137,27 @@ def cmd_bench(args) -> int:
 
 
 def _progress(i: int, total: int, name: str) -> None:
-    if sys.stderr.isatty():
-        sys.stderr.write(f"\r\033[K[{i + 1}/{total}] {name}")
-        if i + 1 == total:
-            sys.stderr.write("\r\033[K")
-        sys.stderr.flush()
+    """One-line progress bar on a terminal (nothing when stderr is redirected)."""
+    if not sys.stderr.isatty():
+        return
+    import shutil
+
+    from onnxlr.report import printable
+    fancy = (sys.stderr.encoding or "").lower().replace("-", "") == "utf8"
+    full, empty = ("█", "░") if fancy else ("#", "-")
+    done = min(24, 24 * (i + 1) // max(total, 1))
+    head = f"{full * done}{empty * (24 - done)} {i + 1}/{total} "
+    room = shutil.get_terminal_size((80, 20)).columns - len(head) - 1
+    label = printable(name)
+    if len(label) > room:
+        label = "…" + label[-(room - 1):] if room > 1 else ""
+    sys.stderr.write(f"\r\033[K{head}{label}")
+    if i + 1 == total:
+        sys.stderr.write("\r\033[K")
+    sys.stderr.flush()
+
+
+_REPORTS = {".json": "to_json", ".md": "to_markdown", ".html": "to_html", ".htm": "to_html"}
 
 
 def _rejected_path(output: Path) -> Path:
@@ -154,8 +173,8 @@ def cmd_optimize(args) -> int:
     if same_file(out, args.model):
         raise OnnxlrError(f"{out}: output path is the input model; refusing to overwrite it")
     for path in args.report:
-        if Path(path).suffix not in (".json", ".md"):
-            raise OnnxlrError(f"{path}: unknown report format (use .json or .md)")
+        if Path(path).suffix.lower() not in _REPORTS:
+            raise OnnxlrError(f"{path}: unknown report format (use .json, .md or .html)")
     shapes = parse_input_shapes(args.input_shape) if args.input_shape else None
     model, report = optimize(
         args.model, args.method, args.rank, rank_multiple=args.rank_multiple,
@@ -167,12 +186,13 @@ def cmd_optimize(args) -> int:
         latency_cache=None if args.latency_cache.lower() == "none" else args.latency_cache,
         measure_latency=not args.no_verify and not args.no_latency,
         target_flops=args.target_flops, target_speedup=args.target_speedup,
-        calib=args.calib, calib_samples=args.calib_samples, progress=_progress)
+        calib=args.calib, calib_samples=args.calib_samples, progress=_progress,
+        **({"profile": True} if args.profile else {}))
     print(report.to_text())
     target = out if report.bound_met is not False else _rejected_path(out)
     save_model(model, target, protect=[args.model])
     for path in args.report:
-        text = report.to_json() if path.endswith(".json") else report.to_markdown()
+        text = getattr(report, _REPORTS[Path(path).suffix.lower()])()
         _write_text(Path(path), text, protect=[args.model, target])
     if report.bound_met is False:
         raise BoundExceeded(f"output error {report.output_error:.4g} exceeds --max-error "

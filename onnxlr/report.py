@@ -1,7 +1,38 @@
-"""The report: built from the per-layer records alone, rendered as text, JSON or Markdown.
+"""The report: built from the per-layer records alone, rendered as text, JSON, Markdown (HTML
+in :mod:`onnxlr.html_report`).
 
-The JSON form has a stable schema (``schema`` field) for pipelines; the text
-table is what the CLI prints; Markdown suits a pull-request comment.
+The text table is what the CLI prints; Markdown suits a pull-request comment.
+The JSON form has a stable schema for pipelines: ``schema`` stays
+``onnxlr.report/1`` while fields are only ever *added*; a key is never renamed,
+removed or given another meaning. Values that were not measured are ``null``.
+
+``onnxlr.report/1``::
+
+    schema        "onnxlr.report/1"
+    source        input path or null
+    settings      {method, rank, rank_multiple, max_error, accept}
+    summary       {layers_factorised, layers_considered, params_before, params_after,
+                   macs_before, macs_after, params_ratio, macs_ratio (after/before),
+                   output_error, bound_met, accuracy_before, accuracy_after, seconds,
+                   macs_reduction (before/after), speedup (measured end to end),
+                   efficiency (speedup / macs_reduction), latency_before_ms, latency_after_ms}
+    verification  null or {inputs, max_error, worst_rel_l2, passed,
+                   outputs: [{name, rel_l2, max_abs, cosine, top1_agreement}]}
+    latency       null or {provider, threads, batch, before_ms, after_ms, speedup, ...}
+                  (end to end, original vs result interleaved; extra keys pass through)
+    profile       null or {layer: {before_ms, after_ms}} (ORT profiling inside the whole
+                  model; "(other)" holds the ops outside every layer)
+    budget        null or the budget's own dict (targets, achieved, which constraint bound)
+    layers        [LayerRecord.to_dict() + {layer_speedup}]: name, op, kind, weight_shape,
+                  method, rank_rule, ranks, params_*, macs_*, weight_error, output_error,
+                  status (factorised | declined | reverted), reason, seconds,
+                  latency_before_ms, latency_after_ms (the layer timed alone),
+                  candidates [{ranks, macs, weight_error, local_error, latency_ms, chosen, ...}],
+                  extra, layer_speedup
+
+MACs count the candidate layers only, so ``macs_reduction`` is the ideal
+speed-up of those layers; ``efficiency`` = measured end-to-end speed-up ÷ that
+reduction (BENCHMARKING.md): 1.0 means the FLOP saving turned fully into time.
 """
 from __future__ import annotations
 
@@ -83,12 +114,32 @@ class Report:
     def output_error(self) -> float | None:
         return None if self.comparison is None else self.comparison.worst_rel_l2
 
+    @property
+    def macs_reduction(self) -> float | None:
+        """Candidate-layer MACs before ÷ after (the ideal speed-up), None when nothing is left."""
+        return self.macs_before / self.macs_after if self.macs_after else None
+
+    @property
+    def speedup(self) -> float | None:
+        """End-to-end speed-up measured at the end (original vs result), if measured."""
+        value = (self.latency or {}).get("speedup")
+        return float(value) if isinstance(value, (int, float)) else None
+
+    @property
+    def efficiency(self) -> float | None:
+        """Measured speed-up ÷ MAC reduction: how much of the FLOP saving became time."""
+        if self.speedup is None or not self.macs_reduction:
+            return None
+        return self.speedup / self.macs_reduction
+
     def to_dict(self) -> dict:
+        lat = self.latency or {}
         return {
             "schema": SCHEMA,
             "source": self.source,
             "settings": {"method": self.method, "rank": self.rank,
-                         "rank_multiple": self.rank_multiple, "max_error": self.max_error},
+                         "rank_multiple": self.rank_multiple, "max_error": self.max_error,
+                         "accept": self.accept},
             "summary": {
                 "layers_factorised": len(self.factorised),
                 "layers_considered": len(self.records),
@@ -100,38 +151,77 @@ class Report:
                 "accuracy_before": None if self.accuracy is None else self.accuracy[0],
                 "accuracy_after": None if self.accuracy is None else self.accuracy[1],
                 "seconds": round(self.seconds, 3),
+                "macs_reduction": self.macs_reduction, "speedup": self.speedup,
+                "efficiency": self.efficiency,
+                "latency_before_ms": lat.get("before_ms"), "latency_after_ms": lat.get("after_ms"),
             },
             "verification": None if self.comparison is None else {
                 "inputs": self.verify_inputs, **self.comparison.to_dict()},
-            "layers": [r.to_dict() for r in self.records],
+            "latency": self.latency or None,
+            "profile": self.profile or None,
+            "budget": self.budget or None,
+            "layers": [{**r.to_dict(), "layer_speedup": r.layer_speedup} for r in self.records],
         }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
+    @property
+    def shown(self) -> list[LayerRecord]:
+        """Records of candidate layers (activation MatMuls etc. are listed in JSON only)."""
+        return [r for r in self.records if r.kind is not None]
+
+    def _has_alone(self) -> bool:
+        return any(r.latency_before_ms or r.latency_after_ms for r in self.shown)
+
+    def _columns(self) -> list[str]:
+        cols = ["layer", "op", "weight", "method", "rank", "params", "MACs", "w.err", "out.err"]
+        if self._has_alone():
+            cols.append("alone ms")
+        if self.profile:
+            cols.append("in-model ms")
+        return cols + ["status"]
+
     def _rows(self) -> list[list[str]]:
         rows = []
-        for r in self.records:
-            if r.kind is None:
-                continue  # not a candidate at all (e.g. activation MatMul): listed in JSON only
-            rows.append([
+        alone, profiled = self._has_alone(), bool(self.profile)
+        for r in self.shown:
+            row = [
                 r.name, r.op, "x".join(map(str, r.weight_shape)), r.method or "-",
                 "x".join(map(str, r.ranks)) if r.ranks and r.weight_error is not None else "-",
                 f"{human(r.params_before)}→{human(r.params_after if r.factorised else r.params_before)}",
                 f"{human(r.macs_before)}→{human(r.macs_after if r.factorised else r.macs_before)}",
                 "-" if r.weight_error is None else f"{r.weight_error:.3f}",
                 "-" if r.output_error is None else f"{r.output_error:.3g}",
-                r.status if r.status == FACTORISED else f"{r.status}: {r.reason}",
-            ])
+            ]
+            if alone:
+                row.append(ms_pair(r.latency_before_ms, r.latency_after_ms))
+            if profiled:
+                p = self.profile.get(r.name) or {}
+                row.append(ms_pair(p.get("before_ms"), p.get("after_ms")))
+            row.append(r.status if r.status == FACTORISED else f"{r.status}: {r.reason}")
+            rows.append(row)
         return rows
 
-    HEADER = ["layer", "op", "weight", "method", "rank", "params", "MACs", "w.err", "out.err",
-              "status"]
+    def headline(self) -> str:
+        """One line with the numbers a reader wants first."""
+        parts = []
+        if self.speedup is not None:
+            parts.append(f"{self.speedup:.2f}x faster end to end (measured)")
+        if self.macs_reduction is not None:
+            parts.append(f"{self.macs_reduction:.2f}x fewer MACs")
+        if self.efficiency is not None:
+            parts.append(f"efficiency {self.efficiency:.2f}")
+        parts.append(f"params {_ratio(self.params_after, self.params_before):.3f}x")
+        if self.output_error is not None:
+            bound = "" if self.max_error is None else (
+                f" (bound {self.max_error:g} {'met' if self.bound_met else 'EXCEEDED'})")
+            parts.append(f"output error {self.output_error:.3g}{bound}")
+        return " · ".join(parts)
 
     def summary_lines(self) -> list[str]:
         lines = [
-            f"layers factorised: {len(self.factorised)} of "
-            f"{sum(1 for r in self.records if r.kind)} candidates",
+            f"layers factorised: {len(self.factorised)} of {len(self.shown)} candidates",
             f"params: {human(self.params_before)} → {human(self.params_after)} "
             f"({_ratio(self.params_after, self.params_before):.3f}x)",
             f"MACs (candidate layers): {human(self.macs_before)} → {human(self.macs_after)} "
@@ -151,20 +241,120 @@ class Report:
                              f"{'met' if self.bound_met else 'EXCEEDED'}")
         else:
             lines.append("not verified with ONNX Runtime")
+        if self.accept == "latency":
+            lines.append("accept latency: a layer is kept only if measured faster on its own")
+        lines += self._latency_lines() + self._profile_lines() + self._budget_lines()
         return lines
 
+    def _latency_lines(self) -> list[str]:
+        lat = self.latency
+        if not lat or lat.get("before_ms") is None:
+            return []
+        spread = ""
+        if lat.get("p10") is not None and lat.get("p90") is not None:
+            spread = f" (p10–p90 {lat['p10']:.2f}–{lat['p90']:.2f}x)"
+        elif lat.get("p10_after_ms") is not None and lat.get("p90_after_ms") is not None:
+            spread = (f" (p10–p90 {lat.get('p10_before_ms', 0):.3f}–{lat.get('p90_before_ms', 0):.3f}"
+                      f" → {lat['p10_after_ms']:.3f}–{lat['p90_after_ms']:.3f} ms)")
+        line = (f"end to end ({describe_setup(lat)}): {lat['before_ms']:.3f} → "
+                f"{lat['after_ms']:.3f} ms, measured speed-up {self.speedup or 0:.2f}x{spread}")
+        if self.macs_reduction is not None:
+            line += f" vs MAC reduction {self.macs_reduction:.2f}x"
+        if self.efficiency is not None:
+            line += f": efficiency {self.efficiency:.2f}"
+        lines = [line]
+        if lat.get("returned") == "input":
+            rejected = lat.get("rejected_speedup")
+            lines.append("the result was not faster"
+                         + (f" ({rejected:.2f}x)" if isinstance(rejected, (int, float)) else "")
+                         + ": the input model was returned unchanged")
+        return lines
+
+    def _profile_lines(self) -> list[str]:
+        if not self.profile:
+            return []
+        names = {r.name for r in self.factorised}
+        mine = [v for k, v in self.profile.items() if k in names]
+        before = sum(v.get("before_ms") or 0 for v in mine)
+        after = sum(v.get("after_ms") or 0 for v in mine)
+        total_b = sum(v.get("before_ms") or 0 for v in self.profile.values())
+        total_a = sum(v.get("after_ms") or 0 for v in self.profile.values())
+        line = (f"profiled inside the model: factorised layers {before:.3f} → {after:.3f} ms"
+                f" of {total_b:.3f} → {total_a:.3f} ms in all kernels")
+        return [line]
+
+    def _budget_lines(self) -> list[str]:
+        if not self.budget:
+            return []
+        items = ", ".join(f"{k} {fmt_value(v)}" for k, v in self.budget.items())
+        return [f"budget: {items}"]
+
     def to_text(self) -> str:
-        rows = [self.HEADER] + self._rows()
-        widths = [max(len(row[i]) for row in rows) for i in range(len(self.HEADER) - 1)]
+        header = self._columns()
+        rows = [header] + [[printable(c) for c in row] for row in self._rows()]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
         out = []
         for row in rows:
             out.append("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
-        return "\n".join(out + [""] + self.summary_lines())
+        return "\n".join(out + [""] + [printable(s) for s in self.summary_lines()])
+
+    def to_html(self) -> str:
+        """Self-contained HTML page with charts (:mod:`onnxlr.html_report`)."""
+        from onnxlr.html_report import render_html  # it imports this module
+        return render_html(self)
 
     def to_markdown(self) -> str:
-        def cell(c: str) -> str:
-            return c.replace("|", "\\|").replace("\n", " ")
-        lines = ["| " + " | ".join(self.HEADER) + " |", "|" + "---|" * len(self.HEADER)]
-        lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in self._rows()]
-        return "\n".join(["### onnxlr report", ""] + lines + [""]
-                         + [f"- {cell(s)}" for s in self.summary_lines()]) + "\n"
+        header = self._columns()
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in self._rows()]
+        return "\n".join(["### onnxlr report", "", f"**{md_cell(self.headline())}**", ""]
+                         + lines + [""]
+                         + [f"- {md_cell(s)}" for s in self.summary_lines()]) + "\n"
+
+
+def ms_pair(before: float | None, after: float | None) -> str:
+    """'0.251→0.122 (2.06x)', or '-' when nothing was measured."""
+    if before is None and after is None:
+        return "-"
+    text = f"{_ms(before)}→{_ms(after)}"
+    if before and after:
+        text += f" ({before / after:.2f}x)"
+    return text
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def describe_setup(lat: dict) -> str:
+    """'cpu, 1 thread, batch 1' from a latency dict."""
+    threads = lat.get("threads")
+    parts = [str(lat.get("provider") or "cpu"),
+             "ORT default threads" if threads is None else
+             f"{threads} thread{'s' if threads != 1 else ''}"]
+    if lat.get("batch") is not None:
+        parts.append(f"batch {lat['batch']}")
+    return ", ".join(parts)
+
+
+def fmt_value(v: Any) -> str:
+    """A budget value for one line of text."""
+    if isinstance(v, bool) or v is None:
+        return str(v).lower() if v is not None else "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {fmt_value(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def printable(text: str) -> str:
+    """Control characters (terminal escape sequences from a hostile node name) shown as '?'."""
+    return "".join("?" if (ord(ch) < 32 or 127 <= ord(ch) < 160) else ch for ch in str(text))
+
+
+def md_cell(text: str) -> str:
+    """Text safe inside a Markdown table cell: pipes escaped, one line, no raw HTML."""
+    text = printable(str(text).replace("\n", " ").replace("\r", " "))
+    return (text.replace("\\", "\\\\").replace("|", "\\|").replace("&", "&amp;")
+            .replace("<", "&lt;").replace(">", "&gt;"))
