@@ -38,6 +38,8 @@ _PROVIDERS = {
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 _INT_HIGH = 4  # random integer feeds are drawn from [0, _INT_HIGH): valid indices for tiny tables
+#: Largest random input onnxlr generates (elements): 2**31 float32 values are already 8 GiB.
+MAX_INPUT_ELEMENTS = 2**31
 
 
 def _ort() -> Any:
@@ -140,12 +142,18 @@ def _np_dtype(vi: onnx.ValueInfoProto) -> np.dtype:
 
 
 def _random(rng: np.random.Generator, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    count = math.prod(shape)
+    if count > MAX_INPUT_ELEMENTS:
+        # refuse before allocating: a declared shape is untrusted, an OOM kill is no error message
+        raise OnnxlrError(f"input {name!r} would have {count} elements (shape "
+                          f"{'x'.join(map(str, shape))}), over onnxlr's limit of "
+                          f"{MAX_INPUT_ELEMENTS}: give a smaller --input-shape or --inputs FILE.npz")
     if dtype.kind == "f":
-        return rng.standard_normal(shape).astype(dtype)
+        return np.asarray(rng.standard_normal(shape)).astype(dtype)
     if dtype.kind in "iu":
-        return rng.integers(0, _INT_HIGH, size=shape).astype(dtype)
+        return np.asarray(rng.integers(0, _INT_HIGH, size=shape)).astype(dtype)
     if dtype.kind == "b":
-        return rng.random(shape) < 0.5
+        return np.asarray(rng.random(shape) < 0.5)  # a 0-d comparison gives a numpy scalar
     raise OnnxlrError(f"input {name!r} has dtype {dtype} that onnxlr cannot generate: "
                       "pass --inputs FILE.npz")
 
@@ -306,9 +314,28 @@ def make_session(model: onnx.ModelProto | str | bytes | os.PathLike, *, provider
     return session
 
 
-def _runner(session: Any, feeds: dict[str, np.ndarray]) -> Callable[[], list]:
-    """A zero-argument callable running ``session`` on ``feeds`` (the place for I/O binding later)."""
-    return lambda: session.run(None, feeds)
+def _runner(session: Any, feeds: dict[str, np.ndarray], *, device_resident: bool = False
+            ) -> Callable[[], list]:
+    """A zero-argument callable running ``session`` on ``feeds``.
+
+    With ``device_resident`` on a GPU provider (CUDA, TensorRT), inputs are copied to
+    the device once and inputs and outputs are bound there (ORT I/O binding), so a
+    timed call measures the model, not host↔device copies.
+    """
+    gpu = session.get_providers()[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+    if not (device_resident and gpu):
+        return lambda: session.run(None, feeds)
+    ort = _ort()
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+    for out in session.get_outputs():
+        binding.bind_output(out.name, "cuda", 0)
+
+    def call() -> list:
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
+    return call
 
 
 def run(session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -321,7 +348,8 @@ def run(session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     try:
         values = _runner(session, feeds)()
     except Exception as exc:
-        if not _is_ort_error(exc):
+        # the binding raises a plain RuntimeError for feeds it cannot convert (e.g. bfloat16)
+        if not (_is_ort_error(exc) or type(exc) is RuntimeError):
             raise
         raise OnnxlrError(f"onnxruntime failed to run the model: {_ort_message(exc)}") from None
     return dict(zip(names, (np.asarray(v) for v in values)))
@@ -483,7 +511,7 @@ def interleaved_latency(sessions: list, feeds: dict | list[dict], *, warmup: int
         raise OnnxlrError(f"got {len(feed_list)} feed dicts for {len(sessions)} sessions")
     if iterations < 1:
         raise OnnxlrError(f"iterations must be at least 1, got {iterations}")
-    runners = [_runner(s, f) for s, f in zip(sessions, feed_list)]
+    runners = [_runner(s, f, device_resident=True) for s, f in zip(sessions, feed_list)]
     for runner in runners:
         for _ in range(max(0, warmup)):
             runner()
