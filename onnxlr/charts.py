@@ -39,6 +39,18 @@ def num(v: float | None, digits: int = 3) -> str:
     return f"{v:.{digits}g}"
 
 
+def ms(v: float | None) -> str:
+    """Milliseconds: 0.0123, 1.58, 462, 1234 (no 'k': 1k ms reads as 1000 seconds to some)."""
+    if v is None:
+        return "–"
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def ratio_colour(x: float) -> str:
+    """Green when clearly faster, red when clearly slower, grey within ±3%."""
+    return GOOD if x >= 1.03 else BAD if x <= 0.97 else "#6b7280"
+
+
 def shorten(label: str, n: int = 34) -> str:
     """Keep the end of a long layer name (its most specific part): '…features.1.0/Conv'."""
     label = str(label)
@@ -80,7 +92,8 @@ def _text(x: float, y: float, text: str, *, anchor: str = "start", cls: str = ""
             f"{esc(text)}</text>")
 
 
-def _legend(x: float, y: float, items: list[tuple[str, str]], width: float) -> tuple[list[str], float]:
+def _legend(x: float, y: float, items: list[tuple[str, str]],
+            width: float) -> tuple[list[str], float]:
     """Colour swatches with labels, wrapped to ``width``; returns markup and the height used."""
     out, cx, cy = [], x, y
     for label, colour in items:
@@ -95,12 +108,14 @@ def _legend(x: float, y: float, items: list[tuple[str, str]], width: float) -> t
 
 
 def paired_bars(rows: list[tuple[str, float | None, float | None]], *, unit: str = "ms",
-                names: tuple[str, str] = ("original", "optimised"), label: str = "") -> str:
+                names: tuple[str, str] = ("original", "optimised"), label: str = "",
+                fmt=num) -> str:
     """Horizontal bars, two per row (before grey, after teal), the ratio at the right.
 
     Args:
         rows: (label, before, after); None draws no bar.
         unit: appended to the value labels.
+        fmt: number formatter of the value labels.
         names: legend names of the two bars.
     """
     label_w, bar_w, right_w, row_h, top = 250, 470, 80, 36, 30
@@ -114,11 +129,11 @@ def paired_bars(rows: list[tuple[str, float | None, float | None]], *, unit: str
         x = label_w + t * scale
         body.append(f'<line class="grid" x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" '
                     f'y2="{height - 24}" />')
-        body.append(_text(x, height - 8, f"{num(t)} {unit}" if t == ticks[-1] else num(t),
+        body.append(_text(x, height - 8, f"{fmt(t)} {unit}" if t == ticks[-1] else fmt(t),
                           anchor="middle", cls="tick"))
     for i, (name, before, after) in enumerate(rows):
         y = top + i * row_h
-        body.append(f"<g><title>{esc(name)}: {esc(num(before))} → {esc(num(after))} "
+        body.append(f"<g><title>{esc(name)}: {esc(fmt(before))} → {esc(fmt(after))} "
                     f"{esc(unit)}</title>")
         body.append(_text(label_w - 8, y + 18, shorten(name), anchor="end", cls="label"))
         for j, (value, colour, cls) in enumerate(((before, BEFORE, "before"),
@@ -130,11 +145,11 @@ def paired_bars(rows: list[tuple[str, float | None, float | None]], *, unit: str
             w = max(0.0, value) * scale
             body.append(f'<rect class="bar {cls}" x="{label_w}" y="{by}" width="{w:.2f}" '
                         f'height="12" rx="2" fill="{colour}" data-value="{float(value)!r}" />')
-            body.append(_text(label_w + w + 4, by + 10, num(value), cls="value"))
+            body.append(_text(label_w + w + 4, by + 10, fmt(value), cls="value"))
         if before and after:
             ratio = before / after
             body.append(_text(label_w + bar_w + right_w + 40, y + 20, f"{ratio:.2f}×",
-                              anchor="end", cls="ratio", fill=GOOD if ratio >= 1 else BAD))
+                              anchor="end", cls="ratio", fill=ratio_colour(ratio)))
         body.append("</g>")
     return _svg(width, height, body, label or "bars before and after")
 
@@ -164,7 +179,8 @@ def stacked_bars(rows: list[tuple[str, list[tuple[str, float]]]], colours: dict[
                         f'stroke-width="1" data-value="{float(value)!r}"><title>{esc(seg)}: '
                         f"{esc(num(value))} {esc(unit)}</title></rect>")
             x += w
-        body.append(_text(x + 6, y + 17, f"{num(totals[i])} {unit}", cls="value"))
+        total = ms(totals[i]) if unit == "ms" else num(totals[i])
+        body.append(_text(x + 6, y + 17, f"{total} {unit}", cls="value"))
     legend_items = [(shorten(k, 28), c) for k, c in colours.items()]
     leg, leg_h = _legend(label_w, top + row_h * len(rows) + 14, legend_items, bar_w + right_w)
     height = top + row_h * len(rows) + 14 + leg_h
@@ -181,7 +197,8 @@ def ratio_bars(items: list[tuple[str, float, str]], *, label: str = "") -> str:
     body: list[str] = []
     for t in ticks:
         x = label_w + t * scale
-        body.append(f'<line class="grid" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{height - 22}" />')
+        body.append(f'<line class="grid" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" '
+                    f'y2="{height - 22}" />')
         body.append(_text(x, height - 7, f"{num(t)}×", anchor="middle", cls="tick"))
     one = label_w + scale
     body.append(f'<line class="one" x1="{one:.1f}" y1="{top}" x2="{one:.1f}" y2="{height - 22}" />')
@@ -189,8 +206,8 @@ def ratio_bars(items: list[tuple[str, float, str]], *, label: str = "") -> str:
         y = top + i * row_h
         w = max(0.0, value) * scale
         body.append(_text(label_w - 8, y + 16, name, anchor="end", cls="label"))
-        body.append(f'<rect class="bar" x="{label_w}" y="{y + 3}" width="{w:.2f}" height="18" rx="2" '
-                    f'fill="{colour}" data-value="{float(value)!r}" />')
+        body.append(f'<rect class="bar" x="{label_w}" y="{y + 3}" width="{w:.2f}" height="18" '
+                    f'rx="2" fill="{colour}" data-value="{float(value)!r}" />')
         body.append(_text(label_w + w + 6, y + 17, f"{value:.2f}×", cls="value strong"))
     return _svg(label_w + bar_w + 70, height, body, label or "ratios")
 
@@ -214,7 +231,8 @@ class Axes:
 
     def y(self, v: float) -> float:
         lo, hi = self.yticks[0], self.yticks[-1]
-        return self.height - self.bottom - (v - lo) / (hi - lo) * (self.height - self.top - self.bottom)
+        span = self.height - self.top - self.bottom
+        return self.height - self.bottom - (v - lo) / (hi - lo) * span
 
     def frame(self, x_label: str, y_label: str, x_fmt=num) -> list[str]:
         out = []

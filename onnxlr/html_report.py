@@ -18,7 +18,7 @@ rank per layer, speed-up against error) · verification per output.
 from __future__ import annotations
 
 from onnxlr import __version__, charts
-from onnxlr.charts import AFTER, BEFORE, PALETTE, esc, num
+from onnxlr.charts import AFTER, BEFORE, PALETTE, esc, ms, num
 from onnxlr.records import DECLINED, FACTORISED, REVERTED
 from onnxlr.report import Report, describe_setup, fmt_value, human
 
@@ -45,7 +45,7 @@ code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monosp
 .card .s { font-size: 12.5px; color: var(--muted); }
 .card.good .v { color: var(--good); } .card.bad .v { color: var(--bad); }
 .card.muted .v { color: var(--muted); font-size: 18px; } .card.word .v { font-size: 20px; }
-.callout { border-left: 4px solid var(--warn); background: #fffbeb; padding: 8px 12px; margin: 10px 0; }
+.callout { border-left: 4px solid var(--warn); background: #fffbeb; padding: 8px 12px; margin: 16px 0 0; }
 figure { margin: 8px 0 4px; overflow-x: auto; }
 figcaption { color: var(--muted); font-size: 12.5px; margin-top: 2px; }
 svg.chart { max-width: 100%; height: auto; font-family: inherit; }
@@ -67,6 +67,8 @@ details { margin-top: 8px; } summary { cursor: pointer; color: var(--muted); }
 .meter { display: inline-block; width: 60px; height: 6px; background: var(--line); border-radius: 3px;
   vertical-align: middle; margin-left: 6px; }
 .meter span { display: block; height: 6px; border-radius: 3px; background: var(--accent); }
+.meter span.same { background: #c4cad3; }
+.callout ul { margin: 4px 0 0; padding-left: 20px; }
 .pill { display: inline-block; border-radius: 999px; padding: 0 8px; font-size: 12px; font-weight: 600; }
 .pill.factorised { background: #dcfce7; color: #166534; } .pill.reverted { background: #ffedd5; color: #9a3412; }
 .pill.declined { background: #f3f4f6; color: #4b5563; }
@@ -76,11 +78,16 @@ footer { margin-top: 40px; color: var(--muted); font-size: 12px; }
 """
 
 
+#: An accuracy drop (absolute) above this is flagged.
+ACCURACY_DROP = 0.01
+
+
 def render_html(report: Report) -> str:
     """The whole page as a string (UTF-8 text, no external references)."""
     title = f"onnxlr report · {report.source}" if report.source else "onnxlr report"
-    parts = [_header(report), _cards(report), _end_to_end(report), _budget(report),
-             _layer_latency(report), _table(report), _candidates(report), _verification(report)]
+    parts = [_header(report), _cards(report), _attention(report), _end_to_end(report),
+             _budget(report), _layer_latency(report), _table(report), _candidates(report),
+             _verification(report)]
     return ("<!DOCTYPE html>\n"
             '<html xmlns="http://www.w3.org/1999/xhtml" lang="en"><head><meta charset="utf-8" />'
             '<meta name="viewport" content="width=device-width, initial-scale=1" />'
@@ -118,7 +125,8 @@ def _cards(r: Report) -> str:
                            "muted"))
     red = r.macs_reduction
     cards.append(_card("MAC reduction", f"{red:.2f}×" if red else "all removed",
-                       f"{human(r.macs_before)} → {human(r.macs_after)} MACs in candidate layers"))
+                       f"{human(r.macs_before)} → {human(r.macs_after)} MACs in candidate "
+                       "layers"))
     if r.efficiency is not None:
         cards.append(_card("efficiency", f"{r.efficiency:.2f}",
                            "measured speed-up ÷ MAC reduction"))
@@ -133,11 +141,46 @@ def _cards(r: Report) -> str:
     else:
         cards.append(_card("output error", "not verified", "ONNX Runtime was not run", "muted"))
     if r.accuracy is not None and r.accuracy[1] is not None:
-        cards.append(_card("accuracy", f"{r.accuracy[1]:.4f}", f"original {r.accuracy[0]:.4f}"))
+        drop = r.accuracy[0] - r.accuracy[1]
+        cards.append(_card("accuracy", f"{100 * r.accuracy[1]:.1f}%",
+                           f"original {100 * r.accuracy[0]:.1f}% ({-100 * drop:+.1f} points)",
+                           "bad" if drop > ACCURACY_DROP else ""))
     counts = {s: sum(1 for x in r.shown if x.status == s) for s in (FACTORISED, REVERTED, DECLINED)}
     cards.append(_card("layers factorised", f"{counts[FACTORISED]} of {len(r.shown)}",
                        f"{counts[REVERTED]} reverted · {counts[DECLINED]} declined"))
     return '<section class="cards">' + "".join(cards) + "</section>"
+
+
+def _attention(r: Report) -> str:
+    """Findings a reader should not miss, in words, above the charts."""
+    notes = []
+    if r.bound_met is False:
+        notes.append(f"The output error {r.output_error:.3g} exceeds the bound {r.max_error:g}.")
+    if r.accuracy is not None and r.accuracy[1] is not None:
+        drop = r.accuracy[0] - r.accuracy[1]
+        if drop > ACCURACY_DROP:
+            notes.append(f"Accuracy fell from {100 * r.accuracy[0]:.1f}% to "
+                         f"{100 * r.accuracy[1]:.1f}% on the labelled inputs.")
+    for o in getattr(r.comparison, "outputs", []):
+        if o.top1_agreement is not None and o.top1_agreement < 0.9:
+            notes.append(f"Output {o.name}: the top-1 class agrees with the original on only "
+                         f"{100 * o.top1_agreement:.1f}% of the inputs.")
+    if r.speedup is not None and r.speedup < 1:
+        notes.append(f"The optimised model measured slower end to end ({r.speedup:.2f}×).")
+    slower = []
+    for x in r.factorised:
+        p = (r.profile or {}).get(x.name) or {}
+        before, after = p.get("before_ms"), p.get("after_ms")
+        if not (before and after):
+            before, after = x.latency_before_ms, x.latency_after_ms
+        if before and after and after > before:
+            slower.append(f"{x.name} ({before / after:.2f}×)")
+    if slower:
+        notes.append("Factorised but slower than before: " + ", ".join(slower) + ".")
+    if not notes:
+        return ""
+    return ('<div class="callout"><strong>Look at this first</strong><ul>'
+            + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul></div>")
 
 
 def _profile_speedup(r: Report) -> float | None:
@@ -164,7 +207,7 @@ def _end_to_end(r: Report) -> str:
     if r.speedup is not None:
         iters = f", median of {lat['iterations']} interleaved runs" if lat.get("iterations") else ""
         text = (f"The optimised model ran {r.speedup:.2f}× as fast as the original "
-                f"({num(lat.get('before_ms'))} → {num(lat.get('after_ms'))} ms; "
+                f"({charts.ms(lat.get('before_ms'))} → {charts.ms(lat.get('after_ms'))} ms; "
                 f"{describe_setup(lat)}{iters})")
         if r.efficiency is not None:
             text += (f" for {r.macs_reduction:.2f}× fewer MACs: efficiency {r.efficiency:.2f}, "
@@ -242,11 +285,12 @@ def _layer_latency(r: Report) -> str:
     else:
         rows = [(x.name, x.latency_before_ms, x.latency_after_ms) for x in r.shown
                 if x.latency_before_ms or x.latency_after_ms]
-        what = "Each layer timed alone at its real input: original node against its factorised chain."
+        what = ("Each layer timed alone at its real input: original node against its "
+                "factorised chain.")
     if not rows:
         return ""
     return ("<section><h2>Latency per layer</h2><figure>"
-            + charts.paired_bars(rows, label="latency per layer before and after")
+            + charts.paired_bars(rows, label="latency per layer before and after", fmt=charts.ms)
             + f"<figcaption>{esc(what)} Right: speed-up.</figcaption></figure></section>")
 
 
@@ -256,8 +300,9 @@ def _ms_cell(before, after) -> str:
     ratio = ""
     if before and after:
         x = before / after
-        ratio = f'<span class="sub {"faster" if x >= 1 else "slower"}">{x:.2f}×</span>'
-    return f'<td class="n">{esc(num(before))} → {esc(num(after))}{ratio}</td>'
+        cls = "faster" if x >= 1.03 else "slower" if x <= 0.97 else ""
+        ratio = f'<span class="sub {cls}">{x:.2f}×</span>'
+    return f'<td class="n">{esc(charts.ms(before))} → {esc(charts.ms(after))}{ratio}</td>'
 
 
 def _table(r: Report) -> str:
@@ -281,7 +326,8 @@ def _table(r: Report) -> str:
             f'<td class="n">{esc(human(x.params_before))} → {esc(human(p_after))}</td>',
             f'<td class="n">{esc(human(x.macs_before))} → {esc(human(m_after))}'
             f'<span class="meter" title="{share:.0f}% of the MACs left">'
-            f'<span style="width: {min(100.0, share):.0f}%"></span></span></td>',
+            f'<span class="{"" if done else "same"}" style="width: {min(100.0, share):.0f}%">'
+            "</span></span></td>",
             f'<td class="n">{esc(_err(x.weight_error))}</td>',
             f'<td class="n">{esc(_err(x.output_error))}</td>',
         ]
@@ -291,7 +337,8 @@ def _table(r: Report) -> str:
             p = r.profile.get(x.name) or {}
             cells.append(_ms_cell(p.get("before_ms"), p.get("after_ms")))
         reason = f'<span class="reason">{esc(x.reason)}</span>' if x.reason else ""
-        cells.append(f'<td class="status"><span class="pill {esc(x.status)}">{esc(x.status)}</span>{reason}</td>')
+        cells.append(f'<td class="status"><span class="pill {esc(x.status)}">{esc(x.status)}'
+                     f"</span>{reason}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     numeric = {"params", "MACs", "weight err.", "output err.", "alone ms", "in model ms"}
     return ("<section><h2>Layers</h2><table><thead><tr>"
@@ -305,15 +352,20 @@ def _breakable(name: str) -> str:
     return esc(name).replace("/", "/<wbr />")
 
 
+def _err3(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
 def _err(v) -> str:
     return "–" if v is None else f"{v:.3g}"
 
 
 def _tip(name: str, c: dict) -> str:
-    bits = [name, "ranks " + "×".join(map(str, c.get("ranks") or [])), f"MACs {num(c.get('macs'))}",
-            f"weight err {_err(c.get('weight_error'))}", f"local err {_err(c.get('local_error'))}"]
+    bits = [name, "ranks " + "×".join(map(str, c.get("ranks") or [])),
+            f"MACs {num(c.get('macs'))}", f"weight err {_err(c.get('weight_error'))}",
+            f"local err {_err(c.get('local_error'))}"]
     if c.get("latency_ms") is not None:
-        bits.append(f"{num(c['latency_ms'])} ms")
+        bits.append(f"{ms(c['latency_ms'])} ms")
     return " · ".join(bits) + (" · chosen" if c.get("chosen") else "")
 
 
@@ -338,7 +390,8 @@ def _error_vs_rank(x, colour: str) -> str:
         if pts:
             series.append((name, col, dashed, pts))
     final = list(x.ranks) if x.status == FACTORISED and x.ranks else None
-    marked = [(xv, c) for xv, c in zip(xs, cands) if final is not None and list(c["ranks"]) == final]
+    marked = [(xv, c) for xv, c in zip(xs, cands)
+              if final is not None and list(c["ranks"]) == final]
     label = "kept"
     if not marked:
         marked = [(xv, c) for xv, c in zip(xs, cands) if c.get("chosen")]
@@ -356,12 +409,15 @@ def _error_vs_rank(x, colour: str) -> str:
 
 def _scatter_points(r: Report) -> tuple[list[dict], dict[str, str], bool]:
     points, colours = [], {}
-    measured = any(isinstance(c, dict) and c.get("latency_ms") for x in r.shown for c in x.candidates)
+    measured = any(isinstance(c, dict) and c.get("latency_ms")
+                   for x in r.shown for c in x.candidates)
     for x in r.shown:
         for c in x.candidates:
             if not isinstance(c, dict):
                 continue
-            err = c.get("local_error") if c.get("local_error") is not None else c.get("weight_error")
+            err = c.get("local_error")
+            if err is None:
+                err = c.get("weight_error")
             if measured:
                 before = c.get("latency_before_ms") or x.latency_before_ms
                 y = c.get("speedup") or (before / c["latency_ms"] if before and c.get("latency_ms")
@@ -406,7 +462,7 @@ def _verification(r: Report) -> str:
     rows = "".join(
         f"<tr><td><code>{esc(o.name)}</code></td><td class=\"n\">{esc(f'{o.rel_l2:.4g}')}</td>"
         f"<td class=\"n\">{esc(f'{o.max_abs:.4g}')}</td><td class=\"n\">{esc(f'{o.cosine:.5f}')}"
-        f"</td><td class=\"n\">{esc('–' if o.top1_agreement is None else f'{o.top1_agreement:.3f}')}"
+        f"</td><td class=\"n\">{esc(_err3(o.top1_agreement))}"
         "</td></tr>" for o in r.comparison.outputs)
     acc = ""
     if r.accuracy is not None and r.accuracy[1] is not None:

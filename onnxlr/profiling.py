@@ -36,7 +36,6 @@ import logging
 import os
 import re
 import tempfile
-from collections import defaultdict
 from typing import Iterable
 
 import numpy as np

@@ -254,8 +254,9 @@ class Report:
         if lat.get("p10") is not None and lat.get("p90") is not None:
             spread = f" (p10–p90 {lat['p10']:.2f}–{lat['p90']:.2f}x)"
         elif lat.get("p10_after_ms") is not None and lat.get("p90_after_ms") is not None:
-            spread = (f" (p10–p90 {lat.get('p10_before_ms', 0):.3f}–{lat.get('p90_before_ms', 0):.3f}"
-                      f" → {lat['p10_after_ms']:.3f}–{lat['p90_after_ms']:.3f} ms)")
+            spread = (f" (p10–p90 {lat.get('p10_before_ms', 0):.3f}–"
+                      f"{lat.get('p90_before_ms', 0):.3f} → {lat['p10_after_ms']:.3f}–"
+                      f"{lat['p90_after_ms']:.3f} ms)")
         line = (f"end to end ({describe_setup(lat)}): {lat['before_ms']:.3f} → "
                 f"{lat['after_ms']:.3f} ms, measured speed-up {self.speedup or 0:.2f}x{spread}")
         if self.macs_reduction is not None:

@@ -70,7 +70,7 @@ def test_attribution_sums_factorised_parts_and_ort_renames(factorised):
         events += [
             _kernel("relu_a", "Relu", base + 300, 7 * scale),
             _kernel(f"{core.output[0]}_nchwc", "Conv", base + 400, 50 * scale),       # NCHWc rename
-            _kernel(f"{relu_b.output[0]}_nchwc", "Conv", base + 500, 30 * scale),     # Conv+Relu fused
+            _kernel(f"{relu_b.output[0]}_nchwc", "Conv", base + 500, 30 * scale),  # +Relu fused
             _kernel("fused " + last_b.name + "_token_3", "FusedConv", base + 600, 5 * scale),
             _kernel("ReorderOutput_token_7", "ReorderOutput", base + 700, 3 * scale),
         ]

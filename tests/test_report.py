@@ -40,7 +40,8 @@ def full_report() -> Report:
         LayerRecord(FORMAT, "Gemm", "gemm", (10, 256), "svd", "8", (8,), 2570, 2130, 2560, 2120,
                     0.3, 0.02, REVERTED, reason="not faster: {0} %d | pipe",
                     latency_before_ms=0.01, latency_after_ms=0.02,
-                    candidates=[_cand((4,), 1060, 0.5, 0.3, 0.02), _cand((8,), 2120, 0.3, 0.02, 0.02, True)]),
+                    candidates=[_cand((4,), 1060, 0.5, 0.3, 0.02),
+                                _cand((8,), 2120, 0.3, 0.02, 0.02, True)]),
         LayerRecord("a|b", "Conv", "conv1x1", (8, 8, 1, 1), reason="no method\x1b[31m selected",
                     status=DECLINED, params_before=64, macs_before=640),
         LayerRecord("act_matmul", "MatMul", None, reason="activations on both sides"),
@@ -49,7 +50,7 @@ def full_report() -> Report:
                  max_error=0.05, records=recs, accept="latency", seconds=1.5)
     rep.comparison = Comparison([OutputComparison(HOSTILE, 0.01, 0.2, 0.999, 1.0)], 0.05)
     rep.verify_inputs = "seeded random inputs"
-    rep.accuracy = (0.98, 0.97)
+    rep.accuracy = (0.98, 0.975)
     rep.latency = {"provider": "cpu", "threads": 1, "batch": 1, "before_ms": 3.0,
                    "after_ms": 2.0, "speedup": 1.5, "p10": 1.4, "p90": 1.6}
     rep.profile = {HOSTILE: {"before_ms": 2.0, "after_ms": 0.5},
@@ -97,7 +98,8 @@ def test_json_round_trips_and_keeps_every_old_key(make):
 def test_json_new_fields_have_the_measured_values():
     data = json.loads(full_report().to_json())
     s = data["summary"]
-    macs_before, macs_after = 4_720_000 + 2560 + 640, 1_840_000 + 2560 + 640  # reverted/declined keep theirs
+    # the reverted and the declined layer keep their MACs
+    macs_before, macs_after = 4_720_000 + 2560 + 640, 1_840_000 + 2560 + 640
     assert s["macs_before"] == macs_before and s["macs_after"] == macs_after
     assert s["macs_reduction"] == pytest.approx(macs_before / macs_after)
     assert s["speedup"] == 1.5
@@ -205,13 +207,14 @@ def test_html_shows_candidates_summary_and_budget():
     # local error line of the first layer goes through its 3 candidates, lowest rank first
     line = next(rank_charts[0].iter(f"{SVG}polyline"))
     assert len(line.get("points").split()) == 3
-    scatter = next(s for s in svgs if s.get("aria-label") == "speed-up against error of the candidates")
+    scatter = next(s for s in svgs
+                   if s.get("aria-label") == "speed-up against error of the candidates")
     dots = [c for c in scatter.iter(f"{SVG}circle") if c.get("class") in ("point", "chosen")]
     assert len(dots) == 5 and sum(c.get("class") == "chosen" for c in dots) == 2
     assert "MAC reduction and speed-up" in labels and "time per layer" in labels
     text = "".join(root.itertext())
     assert "1.50×" in text and "efficiency" in text and "target speed-up" in text
-    assert "not met" in text and "0.9700" in text          # budget missed, accuracy after
+    assert "not met" in text and "0.9750" in text          # budget missed, accuracy after
 
 
 def test_paired_bars_and_ticks():
@@ -242,3 +245,20 @@ def test_cli_writes_html_report(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and ".html" in done.stderr and len(done.stderr.splitlines()) == 1
     assert not bad.exists() and not (tmp_path / "o2.onnx").exists()
+
+
+def test_html_flags_what_went_wrong_first():
+    rep = full_report()
+    assert "Look at this first" not in render_html(rep)    # nothing wrong: no callout
+    rep.accuracy = (1.0, 0.5)
+    rep.profile[HOSTILE] = {"before_ms": 1.0, "after_ms": 2.0}
+    rep.latency["speedup"] = 0.8
+    rep.comparison = Comparison([OutputComparison("logits", 0.9, 3.0, 0.4, 0.2)], 0.05)
+    root = parse_xhtml(render_html(rep))
+    callout = next(d for d in root.iter(f"{XHTML}div") if d.get("class") == "callout")
+    notes = ["".join(li.itertext()) for li in callout.iter(f"{XHTML}li")]
+    assert any("exceeds the bound" in n for n in notes)
+    assert any("100.0% to 50.0%" in n for n in notes)
+    assert any("only 20.0%" in n for n in notes)
+    assert any("slower end to end (0.80×)" in n for n in notes)
+    assert any(HOSTILE + " (0.50×)" in n for n in notes)
