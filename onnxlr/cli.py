@@ -29,7 +29,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="input .onnx file")
     p.add_argument("--method", default="auto",
                    help="auto | svd | tucker | cp, or per kind: 'auto,conv=cp' "
-                        "(kinds: gemm, matmul, conv1x1, conv). Default: auto")
+                        "(kinds: gemm, matmul, conv1x1, conv); or alone: prune (channel pruning, "
+                        "needs --calib) | thin (SOMP, data-free; least squares with --calib), "
+                        "where --rank 0.5 keeps half the channels. Default: auto")
     p.add_argument("--rank-multiple", type=int, default=1, metavar="N",
                    help="round ranks up to a multiple of N (8 or 16 run faster on most hardware)")
 

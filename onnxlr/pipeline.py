@@ -22,7 +22,7 @@ from onnxlr.graph import to_graph, to_model
 from onnxlr.accept import accept_by_latency, end_to_end
 from onnxlr.io import check_model, load_model
 from onnxlr.latency import DEFAULT_MIN_LAYER_SPEEDUP
-from onnxlr.methods import parse_method
+from onnxlr.methods import CHANNEL_METHODS, parse_method
 from onnxlr.passes.base import PassManager
 from onnxlr.passes.constants import ConstantsToInitializers
 from onnxlr.passes.factorize import Factorize, FactorizeConfig
@@ -61,10 +61,11 @@ class _Builder:
     def __init__(self, prepared: onnx.ModelProto, config: FactorizeConfig, progress):
         self.prepared, self.config, self.progress = prepared, config, progress
         self.cache: dict = {}
+        self.make_pass = Factorize  # --method prune/thin: onnxlr.passes.prune sets its pass
 
     def __call__(self, keep: dict[str, str]) -> tuple[onnx.ModelProto, list[LayerRecord]]:
         graph = to_graph(self.prepared)
-        result = Factorize(self.config, keep, self.cache, self.progress)(graph)
+        result = self.make_pass(self.config, keep, self.cache, self.progress)(graph)
         self.progress = None  # progress is worth showing for the first (slow) build only
         return to_model(graph, self.prepared), result.records
 
@@ -151,7 +152,14 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
     original = load_model(model) if isinstance(model, str) else model
     build = _Builder(prepare(original), config, progress)
     heldout = None
-    if calib is not None:  # data-aware: layer input statistics before the first build
+    if method.strip() in CHANNEL_METHODS:  # --- prune/thin: a channel pass replaces Factorize
+        from onnxlr.passes.prune import setup_channel_method
+        heldout = setup_channel_method(build, method.strip(), calib,
+                                       holdout=verify and inputs is None,
+                                       max_samples=calib_samples, seed=seed, provider=provider,
+                                       target_flops=target_flops, accept=accept)
+        target_flops, budgeted = None, False  # a MAC target is the pass's own (one keep fraction)
+    elif calib is not None:  # data-aware: layer input statistics before the first build
         from onnxlr.activations import calibrate
         heldout = calibrate(build.prepared, config, calib, holdout=verify and inputs is None,
                             max_samples=calib_samples, seed=seed, provider=provider,
@@ -325,8 +333,11 @@ def _back_off(build: _Builder, verifier, records, comparison, keep):
     final = []
     for rec in records:
         if rec.name in reverted:
+            built = rec
             rec = first[rec.name]  # keep the method, ranks and errors of its last try
             rec.status, rec.reason = REVERTED, reverted[rec.name]
+            # but the counts of the model returned (prune/thin: a neighbour may change it)
+            rec.params_before, rec.macs_before = built.params_before, built.macs_before
         rec.output_error = measured.get(rec.name, rec.output_error)
         earlier = entered.get(rec.name)
         if earlier is not None and not rec.candidates:  # measurements of a budget's search

@@ -409,3 +409,42 @@ def test_back_off_scale_keeps_more_channels():
     keep = {"conv3": "reverted"}
     result = PrunePass(config, keep, calibration=[{"x": x}])(to_graph(model))
     assert next(r for r in result.records if r.name == "conv3").reason == "reverted"
+
+
+# --- the pipeline and the command line ----------------------------------------------------------
+
+def count_macs(model) -> int:
+    from onnxlr.sites import find_site
+    graph = to_graph(model)
+    return sum(s.macs for n in graph.nodes if n.op in ("Conv", "Gemm")
+               for s in [find_site(n, graph)] if not isinstance(s, str))
+
+
+def test_optimize_prune_with_back_off_reports_the_returned_model(tmp_path):
+    """A tight bound reverts or grows some units; the report's totals are still the model's."""
+    from onnxlr.pipeline import optimize
+    model, x = small_cnn()
+    np.savez(tmp_path / "calib.npz", x=x)
+    result, report = optimize(model, method="prune", rank="0.25", calib=str(tmp_path / "calib.npz"),
+                              max_error=0.2, measure_latency=False, latency_cache=None)
+    assert report.bound_met
+    assert any(r.status == "reverted" for r in report.records)  # the bound forced a back-off
+    assert report.params_after == count(result)[0]
+    assert report.macs_after == count_macs(result)
+    assert report.params_before == count(model)[0]
+    assert {r.method for r in report.factorised} <= {"prune"}
+
+
+def test_cli_thin_and_method_errors(tmp_path, capsys):
+    from onnxlr.cli import main
+    model, _ = small_cnn()
+    onnx.save(model, tmp_path / "m.onnx")
+    assert main(["optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "t.onnx"),
+                 "--method", "thin", "--rank", "0.5", "--max-error", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "thin" in out and (tmp_path / "t.onnx").exists()
+    thinned = onnx.load(tmp_path / "t.onnx")
+    assert count(thinned)[0] < count(model)[0]
+    assert main(["optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "p.onnx"),
+                 "--method", "auto,conv=prune"]) == 1
+    assert "use --method prune alone" in capsys.readouterr().err

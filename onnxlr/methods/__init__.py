@@ -12,20 +12,28 @@ from __future__ import annotations
 from onnxlr.errors import OnnxlrError
 from onnxlr.methods.base import Factors, Method
 from onnxlr.methods.cp import CpMethod
+from onnxlr.methods.fastfood import FastfoodMethod, FastfoodSvdMethod
 from onnxlr.methods.svd import SvdMethod
 from onnxlr.methods.tucker import TuckerMethod
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SvdMethod, TuckerMethod, CpMethod)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SvdMethod, TuckerMethod, CpMethod,
+                                                        FastfoodMethod, FastfoodSvdMethod)}
 KINDS = ("gemm", "matmul", "conv1x1", "conv")
 AUTO = {"gemm": "svd", "matmul": "svd", "conv1x1": "svd", "conv": "tucker"}
+#: channel methods act on producer→consumer chains (onnxlr.passes.prune/.thin), alone
+CHANNEL_METHODS = ("prune", "thin")
 
-__all__ = ["AUTO", "KINDS", "METHODS", "Factors", "Method", "parse_method"]
+__all__ = ["AUTO", "CHANNEL_METHODS", "KINDS", "METHODS", "Factors", "Method", "parse_method"]
 
 
 def _check_name(name: str, spec: str) -> str:
+    if name in CHANNEL_METHODS:
+        raise OnnxlrError(f"method '{name}' removes channels across layers and cannot be combined: "
+                          f"use --method {name} alone")
     if name not in METHODS:
         raise OnnxlrError(f"unknown method '{name}' in --method {spec!r}: choose from auto, "
-                          f"{', '.join(METHODS)} (or kind=method with kinds {', '.join(KINDS)})")
+                          f"{', '.join(METHODS)}, {', '.join(CHANNEL_METHODS)} "
+                          f"(or kind=method with kinds {', '.join(KINDS)})")
     return name
 
 
@@ -35,6 +43,8 @@ def parse_method(spec: str) -> dict[str, str | None]:
     Raises:
         OnnxlrError: unknown method or kind, or a method that cannot handle the kind.
     """
+    if spec.strip() in CHANNEL_METHODS:  # every kind goes to the channel pass
+        return dict.fromkeys(KINDS, spec.strip())
     plan: dict[str, str | None] = dict.fromkeys(KINDS)
     items = [i.strip() for i in spec.split(",") if i.strip()]
     if not items:

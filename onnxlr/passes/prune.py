@@ -121,9 +121,9 @@ def _const_axis(shape: tuple, rank: int | None, channel_first: bool, channels: i
     return f"constant of shape {tuple(shape)} does not broadcast per channel"
 
 
-def _producer(node: gs.Node) -> tuple[int, bool] | str:
+def _producer(node: gs.Node, graph: gs.Graph) -> tuple[int, bool] | str:
     """(output channels, channel-first) of a layer whose output channels can be removed."""
-    site = find_site(node)
+    site = find_site(node, graph)
     if isinstance(site, str):
         return site
     if node.op == "Conv":
@@ -140,12 +140,13 @@ def _producer(node: gs.Node) -> tuple[int, bool] | str:
     return int(site.weight.shape[1]), False
 
 
-def _consumer(node: gs.Node, t: gs.Tensor, chain: ChannelChain, spatial: int | None) -> int | str:
+def _consumer(node: gs.Node, t: gs.Tensor, chain: ChannelChain, spatial: int | None,
+              graph: gs.Graph) -> int | str:
     """K (weight entries per input channel) of a layer that can lose input channels, or why not."""
     where = f"{node.op} '{node.name}' after '{chain.producer.name}'"
     if node.inputs[0] is not t:
         return f"'{t.name}' is not the data input of {where}"
-    site = find_site(node)
+    site = find_site(node, graph)
     if isinstance(site, str):
         return f"{where} cannot be rewritten: {site}"
     if node.op == "Conv":
@@ -168,7 +169,7 @@ def _consumer(node: gs.Node, t: gs.Tensor, chain: ChannelChain, spatial: int | N
 
 def trace_chain(producer: gs.Node, graph: gs.Graph) -> ChannelChain | str:
     """The channel chain that starts at ``producer``, or why its output channels cannot go."""
-    info = _producer(producer)
+    info = _producer(producer, graph)
     if isinstance(info, str):
         return f"producer '{producer.name}': {info}"
     channels, channel_first = info
@@ -189,7 +190,7 @@ def trace_chain(producer: gs.Node, graph: gs.Graph) -> ChannelChain | str:
                     f"branch would need the same channels removed")
         u = users[0]
         if u.op in CANDIDATE_OPS and not u.domain:
-            k = _consumer(u, t, chain, spatial)
+            k = _consumer(u, t, chain, spatial, graph)
             if isinstance(k, str):
                 return k
             chain.consumer, chain.group = u, k
@@ -528,7 +529,7 @@ class ChannelPass(Pass):
 
     def _plan(self, graph: gs.Graph, node: gs.Node, before: dict, units: dict) -> LayerRecord:
         record = LayerRecord(name=node.name, op=node.op)
-        site = find_site(node)
+        site = find_site(node, graph)
         if isinstance(site, str):
             record.reason = site
             return record
@@ -786,4 +787,41 @@ class PrunePass(ChannelPass):
 
 
 __all__ = ["ChannelChain", "ChannelPass", "PrunePass", "chain_into", "consumer_weight",
-           "kept_count", "producer_rows", "rewrite", "trace_chain"]
+           "kept_count", "producer_rows", "rewrite", "setup_channel_method", "trace_chain"]
+
+
+def setup_channel_method(build, method: str, calib: Any, *, holdout: bool,
+                         max_samples: int | None, seed: int, provider: str,
+                         target_flops: float | None, accept: str):
+    """Make ``optimize``'s builder run :class:`PrunePass`/:class:`ThinPass` instead of Factorize.
+
+    The calibration samples it fits on are those :func:`onnxlr.activations.calibrate` does
+    not hold out for verification (that call, with no layer statistics wanted, writes the
+    held-out samples and is returned for the verifier). ``target_flops`` becomes the pass's
+    MAC target (one keep-fraction for every unit).
+
+    Returns:
+        The held-out samples (an ``activations.HeldOut``) or None.
+    """
+    import dataclasses
+    import functools
+
+    from onnxlr.activations import _holdout_size, calibrate
+    from onnxlr.calib import load_calibration
+    from onnxlr.passes.thin import ThinPass
+
+    if accept == "latency":
+        raise OnnxlrError(f"--accept latency times factorised chains; it does not apply to "
+                          f"--method {method}")
+    heldout, source = None, None
+    if calib is not None:
+        no_stats = dataclasses.replace(build.config, methods=dict.fromkeys(build.config.methods))
+        heldout = calibrate(build.prepared, no_stats, calib, holdout=holdout,
+                            max_samples=max_samples, seed=seed, provider=provider)
+        source = load_calibration(calib, build.prepared, max_samples=max_samples)
+        if heldout is not None:
+            source = source.split(_holdout_size(source))[0]
+    cls = PrunePass if method == "prune" else ThinPass
+    build.make_pass = functools.partial(cls, calibration=source, seed=seed, provider=provider,
+                                        target_macs=target_flops)
+    return heldout
