@@ -286,9 +286,14 @@ def line_chart(title: str, series: list[tuple[str, str, bool, list[tuple[float, 
         cx, cy = ax.x(chosen[0]), ax.y(chosen[1])
         body.append(f'<circle class="chosen" cx="{cx:.1f}" cy="{cy:.1f}" r="7" fill="none" '
                     f'stroke="#111827" stroke-width="2" />')
-        anchor = "end" if cx > width * 0.6 else "start"
-        body.append(_text(cx + (-10 if anchor == "end" else 10), cy - 9, chosen[2], anchor=anchor,
-                          cls="annot"))
+        est = 6.0 * len(chosen[2])  # ~px at the annotation's 11 px font
+        if cx + 10 + est <= width - 4:
+            tx, anchor = cx + 10, "start"
+        elif cx - 10 - est >= 4:
+            tx, anchor = cx - 10, "end"
+        else:
+            tx, anchor = max(4.0, width - 4 - est), "start"
+        body.append(_text(tx, cy - 9, chosen[2], anchor=anchor, cls="annot"))
     return _svg(width, height, body, f"error against rank, {title}")
 
 

@@ -53,7 +53,7 @@ svg .label { font-size: 12px; fill: #374151; } svg .value { font-size: 11px; fil
 svg .strong { font-weight: 650; } svg .ratio { font-size: 12px; font-weight: 650; }
 svg .tick { font-size: 10.5px; fill: var(--muted); } svg .legend { font-size: 11.5px; fill: #374151; }
 svg .axis-label { font-size: 11.5px; fill: #374151; } svg .small-title { font-size: 12px; font-weight: 650; }
-svg .annot { font-size: 11px; fill: #111827; } svg .muted { fill: var(--muted); }
+svg .annot { font-size: 11px; fill: #111827; paint-order: stroke; stroke: #ffffff; stroke-width: 3px; } svg .muted { fill: var(--muted); }
 svg .grid { stroke: #eef0f3; stroke-width: 1; } svg .axis, svg .tickmark { stroke: #9ca3af; }
 svg .one { stroke: #6b7280; stroke-dasharray: 5 4; stroke-width: 1.2; }
 .multiples { display: flex; flex-wrap: wrap; gap: 8px 14px; }
