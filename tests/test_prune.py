@@ -448,3 +448,26 @@ def test_cli_thin_and_method_errors(tmp_path, capsys):
     assert main(["optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "p.onnx"),
                  "--method", "auto,conv=prune"]) == 1
     assert "use --method prune alone" in capsys.readouterr().err
+
+
+def test_silu_diamond_is_one_per_channel_step():
+    """x·sigmoid(x) feeds the tensor to two nodes that meet again: still per channel. A filter
+    of zeros gives SiLU(0) = 0, a channel that can go for free."""
+    r = np.random.default_rng(5)
+    w1 = r.standard_normal((6, 2, 3, 3)).astype(np.float32)
+    w1[3] = 0.0
+    w2 = r.standard_normal((4, 6, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c1"], ["s1"], name="sig1"),
+             helper.make_node("Mul", ["c1", "s1"], ["m1"], name="silu1"),
+             helper.make_node("Conv", ["m1", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [vinfo("x", ["N", 2, 5, 5])], [vinfo("y", None)],
+                       [init("w1", w1), init("w2", w2)])
+    x = r.standard_normal((32, 2, 5, 5)).astype(np.float32)
+    out, records = run_pass(model, [{"x": x}], rank="5")
+    rec = records["conv2"]
+    assert rec.status == FACTORISED and rec.extra["removed"] == [3], rec.reason
+    assert "Sigmoid → Mul" in rec.extra["chain"]
+    h = conv_nd(x, w1, pads=[1, 1, 1, 1])
+    ref = conv_nd(h / (1 + np.exp(-h)), w2, pads=[1, 1, 1, 1])
+    assert rel(run(out, x), ref) < 2e-5

@@ -185,9 +185,16 @@ def trace_chain(producer: gs.Node, graph: gs.Graph) -> ChannelChain | str:
         if len(users) != 1:
             if not users:
                 return f"'{t.name}' is not used"
-            names = ", ".join(f"{u.op} '{u.name}'" for u in users)
-            return (f"'{t.name}' after '{producer.name}' feeds {len(users)} nodes ({names}): every "
-                    f"branch would need the same channels removed")
+            merged = _diamond(t, users, chain, rank, graph)
+            if merged is None:
+                names = ", ".join(f"{u.op} '{u.name}'" for u in users)
+                return (f"'{t.name}' after '{producer.name}' feeds {len(users)} nodes ({names}): "
+                        f"every branch would need the same channels removed")
+            for node in merged:
+                chain.nodes.append(node)
+                chain.tensors.append(node.outputs[0])
+            t = merged[-1].outputs[0]
+            continue
         u = users[0]
         if u.op in CANDIDATE_OPS and not u.domain:
             k = _consumer(u, t, chain, spatial, graph)
@@ -281,22 +288,72 @@ def _flatten(u: gs.Node, t: gs.Tensor, chain: ChannelChain, rank: int | None) ->
     return spatial
 
 
+def _diamond(t: gs.Tensor, users: list[gs.Node], chain: ChannelChain, rank: int | None,
+             graph: gs.Graph) -> list[gs.Node] | None:
+    """Branches of per-channel element-wise ops from ``t`` that meet again in one binary node
+    (SiLU is ``x · sigmoid(x)``): their nodes in order, the meeting node last; else None."""
+    nodes: list[gs.Node] = []
+    ends: list[gs.Tensor] = []
+    merge = None
+    for u in users:
+        cur_t, cur = t, u
+        while True:
+            data = [x for x in cur.inputs if x.name and constant_value(x) is None]
+            if cur.op in BINARY and len(data) == 2 and not cur.domain:
+                if merge is not None and merge is not cur:
+                    return None
+                merge = cur
+                ends.append(cur_t)
+                break
+            if cur.op not in UNARY and cur.op not in BINARY or \
+                    _pass_through(cur, cur_t, chain, rank) is not None:
+                return None
+            nodes.append(cur)
+            out = cur.outputs[0]
+            if is_graph_output(graph, out) or len(out.outputs) != 1:
+                return None
+            cur_t, cur = out, out.outputs[0]
+    if merge is None or len(ends) != 2 or {id(x) for x in merge.inputs if x.name and
+                                           constant_value(x) is None} != {id(e) for e in ends}:
+        return None
+    return nodes + [merge]
+
+
 def chain_into(consumer: gs.Node, graph: gs.Graph) -> ChannelChain | str:
-    """The chain whose consumer is ``consumer``: walk up through per-channel ops to a layer."""
-    t = consumer.inputs[0]
-    while True:
+    """The chain whose consumer is ``consumer``: walk up through non-layer ops to the one layer
+    whose output it reads (several layers, or a graph input: no chain)."""
+    producers: list[gs.Node] = []
+    joins: list[gs.Node] = []
+    stack, seen = [consumer.inputs[0]], set()
+    while stack:
+        t = stack.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
         if not t.inputs:
-            return "its input is a graph input, not the output of a layer that can lose channels"
+            if constant_value(t) is None:
+                return "its input is a graph input, not the output of a layer that can lose channels"
+            continue
         node = t.inputs[0]
         if node.op in CANDIDATE_OPS and not node.domain:
-            break
+            if all(p is not node for p in producers):
+                producers.append(node)
+            continue
         data = [x for x in node.inputs if x.name and constant_value(x) is None]
-        if node.op in BINARY and len(data) > 1:
-            return (f"its input comes from a residual {node.op} '{node.name}': both branches "
-                    f"would need the same channels removed")
-        if len(data) != 1:
-            return f"its input comes from {node.op} '{node.name}', which joins several tensors"
-        t = data[0]
+        if len(data) > 1:
+            joins.append(node)
+        if len(seen) > 256:
+            return "no layer found within 256 tensors above its input"
+        stack.extend(data)
+    if len(producers) != 1:
+        j = next(iter(joins), None)
+        if j is not None and j.op in ("Add", "Sum"):
+            return (f"its input comes from a residual {j.op} '{j.name}': both branches would need "
+                    f"the same channels removed")
+        if j is not None:
+            return f"its input comes from {j.op} '{j.name}', which joins several tensors"
+        return "no single layer produces its input"
+    node = producers[0]
     chain = trace_chain(node, graph)
     if isinstance(chain, str):
         return chain
