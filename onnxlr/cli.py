@@ -189,7 +189,7 @@ def cmd_optimize(args) -> int:
         measure_latency=not args.no_verify and not args.no_latency,
         target_flops=args.target_flops, target_speedup=args.target_speedup,
         calib=args.calib, calib_samples=args.calib_samples, progress=_progress,
-        **({"profile": True} if args.profile else {}))
+        profile=args.profile)
     print(report.to_text())
     target = out if report.bound_met is not False else _rejected_path(out)
     save_model(model, target, protect=[args.model])

@@ -80,6 +80,7 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
              provider: str = "cpu", threads: int | None = None,
              latency_cache: str | None = "default", measure_latency: bool = True,
              target_flops: float | None = None, target_speedup: float | None = None,
+             profile: bool = False,
              calib=None, calib_samples: int | None = None,
              progress: Callable | None = None) -> tuple[onnx.ModelProto, Report]:
     """Factorise a model's layers and check the result against the original.
@@ -112,6 +113,8 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
             layers at most this fraction of before, or the whole model this many times faster.
             Ranks are then allocated across layers by measured sensitivity (``onnxlr.budget``)
             instead of the rank rule; ``max_error`` still bounds the result.
+        profile: ORT-profile each layer inside the whole model, original vs result
+            (``report.profile``).
         calib: calibration inputs (a ``.npz``, a folder of ``.npy``/``.npz``, or an iterable
             of feed dicts; see ``onnxlr.calib``): the layers' input statistics are captured
             once and the methods become data-aware (whitened SVD ranks and truncation, least-
@@ -141,6 +144,8 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
     budgeted = target_flops is not None or target_speedup is not None
     if target_flops is not None and target_speedup is not None:
         raise OnnxlrError("give one budget: --target-flops or --target-speedup, not both")
+    if profile and not verify:
+        raise OnnxlrError("--profile runs ONNX Runtime: drop --no-verify")
     if budgeted and not verify:
         raise OnnxlrError("a budget is allocated from measurements: drop --no-verify")
     config = FactorizeConfig(methods=parse_method(method), rank=parse_rank(rank),
@@ -199,6 +204,11 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
                 report.comparison = verifier.compare(result)
         if report.budget is not None:
             _settle_budget(report)
+        if profile:
+            from onnxlr.profiling import compare_profiles  # lazy: imports onnxruntime
+            report.profile = compare_profiles(original, result, verifier.feeds,
+                                              provider=provider, threads=threads,
+                                              layers=[r.name for r in report.records])
         report.accuracy = verifier.accuracies(result)
         report.verify_inputs = verifier.description
     result = add_provenance(result, report)

@@ -202,3 +202,17 @@ def test_cli_accept_latency_writes_cache_and_report(tmp_path, capsys):
     data = json.loads(rep.read_text())
     assert data["settings"]["method"] == "auto"
     onnx.checker.check_model(onnx.load(out))
+
+
+def test_cli_profile_fills_the_report(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(tiny_cnn(batch=1), src)
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    assert main(["optimize", str(src), "-o", str(out), "--rank", "0.5", "--max-error", "none",
+                 "--profile", "--threads", "1", "--report", str(rep)]) == 0
+    profile = json.loads(rep.read_text())["profile"]
+    factorised = [layer["name"] for layer in json.loads(rep.read_text())["layers"]
+                  if layer["status"] == "factorised"]
+    assert factorised
+    for name in factorised:
+        assert profile[name]["before_ms"] > 0 and profile[name]["after_ms"] > 0
