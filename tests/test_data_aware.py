@@ -200,39 +200,78 @@ def refit_reference(model, x, stage, bias):
     y = rows @ w.T + bias
     z = np.hstack([rows @ stage.T, np.ones((len(rows), 1))])
     coef = np.linalg.lstsq(z, y, rcond=None)[0]
-    return z @ coef, y
+    return z @ coef, y, rows
 
 
-@pytest.mark.parametrize("method,rank", [("tucker", "4"), ("cp", "6")])
-def test_refit_is_the_least_squares_fit_of_the_last_stage(rng, method, rank):
+def chain_error(model, aware, free, x, calib_n=30):
+    """(data-aware, data-free) output errors on the calibration and the held-out samples."""
+    ref = ort_run(model, {"x": x})[0]
+    out = []
+    for part in (slice(0, calib_n), slice(calib_n, None)):
+        out.append((rel(ort_run(aware, {"x": x[part]})[0], ref[part]),
+                    rel(ort_run(free, {"x": x[part]})[0], ref[part])))
+    return out
+
+
+def test_tucker_refit_is_least_squares_and_the_better_candidate_is_kept(rng):
+    from onnxlr.linalg.tucker import tucker2
+    from onnxlr.methods.tucker import refit_tucker
+    model, x = correlated_conv(rng)
+    stats = collect_layer_stats(model, {"x": x[:30]}, max_positions=None)
+    site = find_site(to_graph(model).nodes[0])
+    tk = tucker2(site.weight.astype(np.float64), (4, 4))
+    refit, before, after = refit_tucker(site, tk, stats["conv"])
+    stage = np.einsum("oikl,si->oskl", tk.core, tk.u_in).reshape(4, -1)
+    bias = site.bias.astype(np.float64)
+    fit, y, rows = refit_reference(model, x[:30], stage, bias)
+    got = rows @ (refit.u_out @ stage).T + bias + refit.bias_shift
+    np.testing.assert_allclose(got, fit, rtol=1e-7, atol=1e-7)  # the least-squares solution
+    assert after < before
+    aware, rec = factorise(model, "tucker", "4", stats)
+    free, rec_f = factorise(model, "tucker", "4")
+    assert rec[0].ranks == rec_f[0].ranks == (4, 4)
+    for err_a, err_f in chain_error(model, aware, free, x):
+        assert err_a < 0.95 * err_f, (err_a, err_f)
+    note = rec[0].extra["notes"]
+    whitened = float(note.split("whitened ")[1].split(";")[0])
+    assert note.endswith("whitened" if whitened < after else "refit")
+
+
+def test_whitened_tucker_exact_when_inputs_span_r_in_channels(rng):
+    from onnxlr.linalg.tucker import mode_products, tucker2
+    from onnxlr.methods.tucker import whitened_tucker
+    model, _ = correlated_conv(rng, t=6, s=8)
+    mix = rng.standard_normal((8, 3))
+    x = np.einsum("sc,nchw->nshw", mix, rng.standard_normal((20, 3, 8, 8)) + 0.5)
+    stats = collect_layer_stats(model, {"x": x.astype(np.float32)}, max_positions=None)["conv"]
+    site = find_site(to_graph(model).nodes[0])
+    w, b = site.weight.astype(np.float64), site.bias.astype(np.float64)
+    ref = conv_nd(x, w, b, pads=[1, 1, 1, 1])
+    tk, _ = whitened_tucker(site, (6, 3), stats)
+    approx = mode_products(tk.core, tk.u_out, tk.u_in)
+    assert rel(conv_nd(x, approx, b + tk.bias_shift, pads=[1, 1, 1, 1]), ref) < 1e-5
+    free = tucker2(w, (6, 3)).reconstruct()
+    assert rel(conv_nd(x, free, b, pads=[1, 1, 1, 1]), ref) > 0.05
+
+
+def test_cp_refit_reaches_the_least_squares_error(rng):
     from onnxlr.linalg.cp import cp_to_tensor
     from onnxlr.methods import METHODS
     model, x = correlated_conv(rng)
-    calib = x[:30]
-    stats = collect_layer_stats(model, {"x": calib}, max_positions=None)
-    aware, rec_a = factorise(model, method, rank, stats)
-    free, rec_f = factorise(model, method, rank)
+    stats = collect_layer_stats(model, {"x": x[:30]}, max_positions=None)
+    aware, rec_a = factorise(model, "cp", "6", stats)
+    free, rec_f = factorise(model, "cp", "6")
     assert rec_a[0].ranks == rec_f[0].ranks and rec_a[0].macs_after == rec_f[0].macs_after
     site = find_site(to_graph(model).nodes[0])
-    factors = METHODS[method]().decompose(site, rec_f[0].ranks).arrays  # data-free, as refit
-    if method == "tucker":
-        stage = np.einsum("oikl,si->oskl", factors.core, factors.u_in).reshape(
-            factors.core.shape[0], -1)
-    else:
-        r = factors.out_factor.shape[1]
-        stage = cp_to_tensor([np.eye(r), factors.in_factor, *factors.spatial]).reshape(r, -1)
-    fit, y = refit_reference(model, calib, stage, site.bias.astype(np.float64))
-    got = np.moveaxis(ort_run(aware, {"x": calib})[0], 1, -1).reshape(-1, y.shape[1])
-    if method == "tucker":  # orthonormal stage: the refit is the plain least-squares solution
-        np.testing.assert_allclose(got, fit, rtol=1e-3, atol=1e-3)
-    # CP's stage can be nearly rank-deficient and the refit is ridge-regularised: it must
-    # reach the least-squares error, not the same coefficients
+    cp = METHODS["cp"]().decompose(site, rec_f[0].ranks).arrays  # data-free, as refit
+    stage = cp_to_tensor([np.eye(6), cp.in_factor, *cp.spatial]).reshape(6, -1)
+    fit, y, _ = refit_reference(model, x[:30], stage, site.bias.astype(np.float64))
+    got = np.moveaxis(ort_run(aware, {"x": x[:30]})[0], 1, -1).reshape(-1, y.shape[1])
+    # CP's stage is nearly rank-deficient here (singular values over 5 decades) and the
+    # refit carries a tiny ridge: the same error as least squares, not the same coefficients
     assert rel(got, y) <= 1.01 * rel(fit, y) + 1e-6
-    ref = ort_run(model, {"x": x})[0]
-    for part in (slice(0, 30), slice(30, None)):  # calibration and held-out samples
-        err_a = rel(ort_run(aware, {"x": x[part]})[0], ref[part])
-        err_f = rel(ort_run(free, {"x": x[part]})[0], ref[part])
-        assert err_a < 0.95 * err_f, (part, err_a, err_f)
+    for err_a, err_f in chain_error(model, aware, free, x):
+        assert err_a < 0.95 * err_f, (err_a, err_f)
     note = rec_a[0].extra["notes"]
     before, after = (float(v) for v in note.split("output error ")[1].split(" -> "))
     assert after < before

@@ -13,10 +13,13 @@ core and the matching 1×1 conv is not emitted.
 Data-aware (``stats``: the conv's input patch statistics from calibration
 data): ranks come from the whitened spectra (mode 0: the T × S·k.. matrix in
 the patch metric; mode 1: the input-channel unfolding in the channel metric),
-and after HOOI the last linear stage — the output 1×1 conv, or the core when
-the output mode is unfactorised — and the bias are refit by least squares so
-that the chain's outputs match the original's on the calibration patches
-(asymmetric reconstruction, Zhang et al. 2015, arXiv 1505.06798).
+and two candidates are computed in closed form, the one with the lower output
+error on the calibration statistics kept: (1) HOOI, then the last linear stage
+(the output 1×1 conv, or the core when the output mode is unfactorised) and the
+bias refit by least squares so that the chain's outputs match the original's
+on the calibration patches (asymmetric reconstruction, Zhang et al. 2015,
+arXiv 1505.06798); (2) :func:`whitened_tucker`, whose input 1×1 also comes from
+the data.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ import onnx_graphsurgeon as gs
 
 from onnxlr.graph import NameScope
 from onnxlr.linalg.tucker import Tucker2, mode_products, tucker2, unfold, unfolding_singular_values
-from onnxlr.linalg.whiten import LayerStats, output_error, refit_last, whitened_spectrum
+from onnxlr.linalg.whiten import (LayerStats, output_error, refit_last, whitened_spectrum,
+                                  whitened_svd)
 from onnxlr.methods.base import (Factors, Method, bias_params, conv_attrs, constant, detach,
                                  kernel_size, new_node, ones, select_rank)
 from onnxlr.methods.svd import shifted_bias
@@ -73,8 +77,12 @@ def mode_ranks(site: LayerSite, selector: RankSelector, multiple: int,
     return (r_out if 0 < r_out < t else t), (r_in if 0 < r_in < s else s)
 
 
-def refit_tucker(site: LayerSite, tk: Tucker2, stats: LayerStats) -> tuple[RefitTucker2, str]:
-    """Refit the chain's last linear stage and bias on the calibration patch statistics."""
+def refit_tucker(site: LayerSite, tk: Tucker2,
+                 stats: LayerStats) -> tuple[RefitTucker2, float, float]:
+    """Refit the chain's last linear stage and bias on the calibration patch statistics.
+
+    Returns the refit chain and the layer's calibration output error before and after.
+    """
     w = site.weight.astype(np.float64)
     t, s, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
     kk = math.prod(kernel)
@@ -90,8 +98,44 @@ def refit_tucker(site: LayerSite, tk: Tucker2, stats: LayerStats) -> tuple[Refit
         core = core_mat.reshape((t, r_in) + kernel)
     approx = mode_products(core, u_out, tk.u_in)
     err = float(np.linalg.norm(w - approx) / max(np.linalg.norm(w), 1e-300))
-    note = f"refit on calibration data: layer output error {before:.4g} -> {after:.4g}"
-    return RefitTucker2(core, u_out, tk.u_in, err, shift), note
+    return RefitTucker2(core, u_out, tk.u_in, err, shift), before, after
+
+
+def whitened_tucker(site: LayerSite, ranks: tuple[int, int],
+                    stats: LayerStats) -> tuple[RefitTucker2, float]:
+    """Tucker-2 chosen for the output error: input 1×1 from the channel-whitened mode-1
+    unfolding, then the best (core, output 1×1, bias) for it (reduced-rank regression).
+
+    Input side: with channel covariance Σ_ch = L Lᵀ, the input projection keeps the top
+    r_in left singular vectors of Lᵀ·W₍₁₎ (the output energy each whitened input direction
+    carries; cross-offset correlations are ignored here). Given that projection, the core
+    is the least-squares fit of the layer's outputs on the projected patches, and the
+    output mode is its whitened truncation in the metric of those projected patches,
+    which is the exact optimum of both for the chosen input projection.
+    """
+    w = site.weight.astype(np.float64)
+    t, s, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
+    kk = math.prod(kernel)
+    r_out, r_in = ranks
+    a = w.reshape(t, s * kk)
+    if r_in < s:
+        wh = channel_stats(stats, s, kk).whitener(True)
+        u = np.linalg.svd(wh.factor.T @ unfold(w, 1), full_matrices=False)[0][:, :r_in]
+        u_in = np.linalg.qr((u.T @ wh.inverse).T)[0]  # orthonormal basis of the same rows
+    else:
+        u_in = np.eye(s)
+    stage = np.kron(u_in.T, np.eye(kk))  # (r_in·K, S·K): the input 1×1 at every offset
+    core, shift, err = refit_last(a, stage, stats)
+    u_out = np.eye(t)
+    if r_out < t:
+        projected = LayerStats(stage @ stats.gram @ stage.T, stage @ stats.mean, stats.count)
+        ws = whitened_svd(core, projected, r_out, centred=True)
+        u_out, core, shift = ws.left, ws.right, shift + ws.shift
+        err = output_error(a, u_out @ core @ stage, stats, shift)
+    core = core.reshape((u_out.shape[1], r_in) + kernel)
+    approx = mode_products(core, u_out, u_in)
+    rel = float(np.linalg.norm(w - approx) / max(np.linalg.norm(w), 1e-300))
+    return RefitTucker2(core, u_out, u_in, rel, shift), err
 
 
 class TuckerMethod(Method):
@@ -132,8 +176,12 @@ class TuckerMethod(Method):
         result = tucker2(site.weight.astype(np.float64), tuple(ranks))
         if stats is None:
             return Factors(result, float(result.rel_error), time.perf_counter() - t0)
-        refit, note = refit_tucker(site, result, stats)
-        return Factors(refit, float(refit.rel_error), time.perf_counter() - t0, note)
+        refit, before, after = refit_tucker(site, result, stats)
+        whitened, err = whitened_tucker(site, tuple(ranks), stats)
+        note = (f"calibration output error: weight HOOI {before:.4g}, HOOI + refit {after:.4g}, "
+                f"whitened {err:.4g}; kept the ")
+        best, note = (whitened, note + "whitened") if err < after else (refit, note + "refit")
+        return Factors(best, float(best.rel_error), time.perf_counter() - t0, note)
 
     def build(self, graph: gs.Graph, site: LayerSite, factors: Factors, names: NameScope) -> None:
         tk = factors.arrays
