@@ -66,6 +66,10 @@ BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "PRelu", "Pow"})
 PER_CHANNEL_PARAMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
 #: default number of calibration rows (positions) each unit's least squares sees
 MAX_ROWS = 8192
+#: consumer inputs (C·K values per row) above this are declined: the statistics are F×F
+#: float64 (F = 8192: 0.5 GB); above half of it a unit fits on the original model's input
+#: alone, not beside the pruned model's (that Gram is 2F × 2F)
+MAX_FEATURES = 8192
 
 
 @dataclass
@@ -651,8 +655,20 @@ class ChannelPass(Pass):
         weight = consumer_weight(chain)
         delta, error = None, None
         if self.needs_data:
-            stats = self._stats(graph, chain, original, applied)
+            features = chain.channels * chain.group
+            if features > MAX_FEATURES:
+                record.reason = (f"its input has {features} values per position (C·K), over the "
+                                 f"limit of {MAX_FEATURES} for the F×F calibration statistics")
+                return
+            try:
+                stats = self._stats(graph, chain, original, applied,
+                                    sequential=2 * features <= MAX_FEATURES)
+            except OnnxlrError as exc:
+                record.reason = f"calibration capture failed: {exc}"
+                return
             extra["rows"] = stats.count
+            if 2 * features > MAX_FEATURES:
+                extra["fit_input"] = "the original model's (too large to capture beside the pruned)"
             if stats.count < keep * chain.group:
                 extra["underdetermined"] = (
                     f"{stats.count} calibration rows for {keep * chain.group} weights per "
@@ -709,7 +725,8 @@ class ChannelPass(Pass):
         extra["compensation"] = "linear (data-free, exact without padding)"
         return new_w, np.einsum("ndk,d->n", weight[:, dropped], offset)
 
-    def _stats(self, graph: gs.Graph, chain: ChannelChain, original, applied: list) -> PatchStats:
+    def _stats(self, graph: gs.Graph, chain: ChannelChain, original, applied: list, *,
+               sequential: bool = True) -> PatchStats:
         """Moments of the consumer's input rows: the original model's when nothing upstream
         changed (or not sequential), else the pruned model's beside the original's."""
         from onnxlr.calib import capture, load_calibration  # lazy: imports onnxruntime
@@ -723,7 +740,7 @@ class ChannelPass(Pass):
         per_sample = max(1, math.ceil(self.max_rows / max(calib.num_samples, 1)))
         upstream = _ancestors(chain.tensors[-1])
         state = tuple(a for a in applied if a[0] in upstream)
-        if state and not self.sequential:
+        if state and not (self.sequential and sequential):
             state = ()
         key = ("stats", self.seed, self.max_rows, tensor, state)
         if key in self.cache:
