@@ -14,27 +14,105 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxlr import validate
 from onnxlr.errors import OnnxlrError
 
 logger = logging.getLogger(__name__)
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape-infer a model; on failure return it unchanged (shapes are a help, not a must)."""
+#: Tensors smaller than this keep their values for shape inference (shape operands, axes).
+_SHAPE_DATA_BYTES = 4096
+#: onnx's data propagation materialises 1-D tensors: measured 7.6 s and 1.4 GB for one
+#: 10**7-element input. It is only worth it for shape-sized vectors.
+_DATA_PROP_MAX_LENGTH = 4096
+
+
+def _long_1d(model: onnx.ModelProto) -> bool:
+    g = model.graph
+    dims = [list(t.dims) for t in g.initializer]
+    for v in list(g.input) + list(g.output) + list(g.value_info):
+        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+            dims.append([d.dim_value if d.HasField("dim_value") else 0
+                         for d in v.type.tensor_type.shape.dim])
+    return any(len(d) == 1 and d[0] > _DATA_PROP_MAX_LENGTH for d in dims)
+
+
+def _inferred(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """Shape inference on a copy without the weights' bytes (it needs their types and dims,
+    and only small tensors' values), so it costs no second copy of the weights and works
+    for models over 2 GB too. Data propagation runs only where no long 1-D tensor would make
+    it slow and big. None when inference fails (shapes are a help, not a must)."""
+    probe, _ = validate.light_copy(model, keep_below=_SHAPE_DATA_BYTES)
     try:
-        if model.ByteSize() < 2**31 - 1:
-            return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        plain = onnx.shape_inference.infer_shapes(probe, strict_mode=False, data_prop=False)
+        if _long_1d(plain):
+            return plain
+        return onnx.shape_inference.infer_shapes(probe, strict_mode=False, data_prop=True)
     except Exception as exc:  # inference is best effort: custom ops, odd models
-        logger.warning("shape inference failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
-    return model
+        text = str(exc).strip().splitlines()
+        logger.warning("shape inference failed: %s", text[0] if text else type(exc).__name__)
+        return None
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with inferred ``value_info``; on failure the model unchanged."""
+    inferred = _inferred(model)
+    if inferred is None:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(inferred.graph.value_info)
+    del out.graph.output[:]
+    out.graph.output.extend(inferred.graph.output)
+    return out
+
+
+def _apply_shapes(graph: gs.Graph, inferred: onnx.ModelProto) -> None:
+    """Give the graph's variables the shapes and types inference found for them."""
+    from onnx_graphsurgeon.importers.onnx_importer import (get_onnx_tensor_dtype,
+                                                           get_onnx_tensor_shape)
+
+    infos = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for name, tensor in graph.tensors().items():
+        info = infos.get(name)
+        if info is None or not isinstance(tensor, gs.Variable):
+            continue
+        if tensor.dtype is None:
+            tensor.dtype = get_onnx_tensor_dtype(info)
+        if tensor.shape is None:
+            tensor.shape = get_onnx_tensor_shape(info)
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    """Import into onnx-graphsurgeon, with shapes inferred where possible."""
+    """Import into onnx-graphsurgeon, with shapes inferred where possible.
+
+    The model is checked first (tensor sizes against their data, dangling
+    inputs, cycles: :mod:`onnxlr.validate`), so that an in-memory model gets
+    the same one-line errors as a file. onnx-graphsurgeon drops graph inputs
+    that have an initializer; from IR version 4 on those are *overridable*
+    weights, so they are put back (and left alone by the sites). Before IR 4
+    every initializer had to be listed as an input: there they are constants.
+    """
+    validate.check_tensors(model, what="model")
+    problem = validate.graph_problem(model, allow_unsorted=True)
+    if problem:
+        raise OnnxlrError(f"model: {problem}")
     try:
-        return gs.import_onnx(infer_shapes(model))
+        graph = gs.import_onnx(model)
     except Exception as exc:
-        raise OnnxlrError(f"cannot read the graph: {str(exc).splitlines()[0]}") from None
+        text = str(exc).strip().splitlines()
+        raise OnnxlrError(f"cannot read the graph: {text[0] if text else type(exc).__name__}") \
+            from None
+    inferred = _inferred(model)
+    if inferred is not None:
+        _apply_shapes(graph, inferred)
+    if model.ir_version >= 4:
+        tensors = graph.tensors()
+        names = [v.name for v in model.graph.input]
+        if len(names) != len(graph.inputs) and all(n in tensors for n in names):
+            graph.inputs = [tensors[n] for n in names]
+    return graph
 
 
 def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
@@ -56,18 +134,45 @@ def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     if original.training_info:
         model.training_info.extend(original.training_info)
     model.graph.doc_string = original.graph.doc_string
+    if original.ir_version < 4:
+        _initializers_as_inputs(model, original)
     return model
 
 
+def _initializers_as_inputs(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """IR < 4 requires every initializer to be a graph input too; keep the original's order."""
+    have = {v.name: v for v in model.graph.input}
+    order = [v.name for v in original.graph.input]
+    extra = [t for t in model.graph.initializer if t.name not in have]
+    for t in extra:
+        have[t.name] = onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    names = [n for n in order if n in have] + [n for n in have if n not in order]
+    inputs = [have[n] for n in names]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+
+
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of a constant tensor (initializer or ``Constant`` node output), else None."""
+    """The value of a constant tensor (initializer or ``Constant`` node output), else None.
+
+    Raises:
+        OnnxlrError: the tensor's data does not match its declared shape.
+    """
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
+        return _values(tensor)
     if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
         value = tensor.inputs[0].attrs.get("value")
         if isinstance(value, gs.Constant):
-            return np.asarray(value.values)
+            return _values(value)
     return None
+
+
+def _values(const: gs.Constant) -> np.ndarray:
+    try:
+        return np.asarray(const.values)
+    except (ValueError, TypeError) as exc:  # a header that lies about the data (numpy reshape)
+        raise OnnxlrError(f"tensor {validate.quote(const.name)}: its data does not match its "
+                          f"declared shape ({str(exc).splitlines()[0]})") from None
 
 
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:

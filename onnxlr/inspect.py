@@ -14,7 +14,7 @@ from onnxlr.methods import METHODS, parse_method
 from onnxlr.pipeline import prepare
 from onnxlr.rank import parse_rank
 from onnxlr.report import human
-from onnxlr.sites import find_site
+from onnxlr.sites import QUANTIZED_OPS, find_site, nested_layer_records, too_big
 
 RULES = ("vbmf", "energy:0.95", "0.25")
 
@@ -38,10 +38,11 @@ def inspect_model(model: onnx.ModelProto, method: str = "auto", rules=RULES,
     plan = parse_method(method)
     selectors = [parse_rank(r) for r in rules]
     views = []
-    for node in to_graph(prepare(model)).nodes:
-        if node.op not in ("Gemm", "MatMul", "Conv"):
+    graph = to_graph(prepare(model))
+    for node in graph.nodes:
+        if node.op not in ("Gemm", "MatMul", "Conv") + QUANTIZED_OPS or node.domain:
             continue
-        site = find_site(node)
+        site = find_site(node, graph)
         if isinstance(site, str):
             views.append(LayerView(node.name, node.op, None, (), reason=site))
             continue
@@ -50,6 +51,9 @@ def inspect_model(model: onnx.ModelProto, method: str = "auto", rules=RULES,
         views.append(view)
         if view.method is None:
             view.reason = f"no method selected for {site.kind} layers"
+            continue
+        view.reason = too_big(site, view.method) or ""
+        if view.reason:  # even its spectrum would cost more than a layer is allowed
             continue
         m = METHODS[view.method]()
         for sel in selectors:
@@ -62,7 +66,15 @@ def inspect_model(model: onnx.ModelProto, method: str = "auto", rules=RULES,
                 view.choices[sel.spec] = f"ranks {ranks} save nothing"
             else:
                 view.choices[sel.spec] = (tuple(ranks), macs / site.macs)
+    views += [LayerView(r.name, r.op, r.kind, r.weight_shape, r.params_before, r.macs_before,
+                        reason=r.reason) for r in nested_layer_records(graph)]
     return views
+
+
+def _cell(text: str) -> str:
+    """A table cell from model-controlled text: control characters escaped, so a node name
+    cannot start a new line or send terminal escape sequences."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def format_views(views: list[LayerView], rules=RULES) -> str:
@@ -81,5 +93,6 @@ def format_views(views: list[LayerView], rules=RULES) -> str:
             else:
                 row.append(f"{'x'.join(map(str, c[0]))} ({c[1]:.2f}x MACs)")
         rows.append(row)
+    rows = [[_cell(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

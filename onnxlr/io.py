@@ -9,20 +9,28 @@ Why this module exists:
 - Writes are atomic: everything goes into a temporary folder beside the target
   and is moved into place with ``os.replace`` only once complete, so a crash or
   Ctrl-C never leaves a half-written model, and the input is never overwritten.
+  SIGINT/SIGTERM are held back during the final renames, so a model and its
+  external data file are replaced together.
+- Memory: external data is read tensor by tensor, exactly the bytes each
+  header declares, and written the same way from an untouched model, so a
+  model over 2 GB is never held twice (see ``_load_external``/``_write_external``).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import secrets
 import shutil
 import signal
-import tempfile
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
 from onnx import external_data_helper
 
+from onnxlr import validate
 from onnxlr.errors import OnnxlrError
 
 logger = logging.getLogger(__name__)
@@ -31,11 +39,6 @@ logger = logging.getLogger(__name__)
 PROTOBUF_LIMIT = 2**31 - 1
 #: Leave head room under the protobuf limit for the graph structure itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-
-
-def _external_tensors(model: onnx.ModelProto):
-    return [t for t in external_data_helper._get_all_tensors(model)
-            if external_data_helper.uses_external_data(t)]
 
 
 def check_external_location(location: str, base_dir: Path, *, what: str) -> Path:
@@ -70,64 +73,159 @@ def check_external_location(location: str, base_dir: Path, *, what: str) -> Path
     return resolved
 
 
+def _external_info(tensor: onnx.TensorProto, what: str) -> tuple[str, int, int | None]:
+    """(location, offset, length) of a tensor's external data, refusing malformed entries."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    try:
+        offset = int(entries.get("offset") or 0)
+        length = int(entries["length"]) if entries.get("length") else None
+    except ValueError:
+        raise OnnxlrError(f"{what}: external data offset/length are not integers") from None
+    if offset < 0 or (length is not None and length < 0):
+        raise OnnxlrError(f"{what}: external data offset/length are negative")
+    return entries.get("location", ""), offset, length
+
+
+def _open_inside(base: Path, location: str, what: str) -> int:
+    """Open ``base/location`` for reading without following any symlink on the way.
+
+    ``check_external_location`` looked at the path; this opens it component by
+    component with ``O_NOFOLLOW`` relative to the folder already opened, so a
+    link swapped in between the check and the open is refused too.
+    """
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    parts = Path(location).parts
+    if os.open not in os.supports_dir_fd or not nofollow:  # e.g. Windows: the path check is all
+        return os.open(base / location, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    fd = os.open(base, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            flags = os.O_RDONLY | nofollow | (0 if last else getattr(os, "O_DIRECTORY", 0))
+            try:
+                nxt = os.open(part, flags, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise OnnxlrError(f"{what}: external data location {location!r} goes "
+                                      f"through a symlink; refused") from None
+                raise OnnxlrError(f"{what}: cannot open external data {location!r} "
+                                  f"({exc.strerror})") from None
+            os.close(fd)
+            fd = nxt
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _load_external(model: onnx.ModelProto, path: Path) -> None:
+    """Read every external tensor's bytes, exactly as many as its header declares.
+
+    Not ``onnx.load_external_data_for_model``: that reads "the rest of the file"
+    when ``length`` is absent and trusts ``offset``/``length`` over the tensor's
+    shape. Here every location is checked, opened without following links,
+    must be a regular file with one link, and must hold the declared bytes;
+    the total is compared with the machine's memory before anything is read.
+    """
+    tensors = [t for t in validate.all_tensors(model)
+               if external_data_helper.uses_external_data(t)]
+    plans, total = [], 0
+    for tensor in tensors:
+        what = f"{path}: tensor {validate.quote(tensor.name)}"
+        location, offset, length = _external_info(tensor, what)
+        check_external_location(location, path.parent, what=what)
+        need = validate.declared_bytes(tensor)
+        if need is None and length is None:
+            raise OnnxlrError(f"{what}: external data without a length, of a type whose "
+                              f"size onnxlr cannot compute")
+        if need is not None and length is not None and length != need:
+            raise OnnxlrError(f"{what}: external data length {length} bytes, but its declared "
+                              f"shape needs {need}")
+        nbytes = need if need is not None else length
+        plans.append((tensor, what, location, offset, nbytes))
+        total += nbytes
+    memory = _physical_memory()
+    if memory is not None and total > memory:
+        raise OnnxlrError(f"{path}: its external data declares {total} bytes, more than this "
+                          f"machine's memory ({memory} bytes); refused")
+    for tensor, what, location, offset, nbytes in plans:
+        fd = _open_inside(path.parent, location, what)
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise OnnxlrError(f"{what}: external data {location!r} is not a regular file")
+            if st.st_nlink > 1:
+                raise OnnxlrError(f"{what}: external data file {location!r} is a hard link; "
+                                  f"refused")
+            if offset + nbytes > st.st_size:
+                raise OnnxlrError(f"{what}: external data file {location!r} holds "
+                                  f"{st.st_size} bytes, the tensor needs {nbytes} from offset "
+                                  f"{offset} (truncated data file?)")
+            fh.seek(offset)
+            data = fh.read(nbytes)
+        if len(data) != nbytes:
+            raise OnnxlrError(f"{what}: external data file {location!r} ended early")
+        tensor.raw_data = data
+        del data
+        tensor.ClearField("data_location")  # as if it had always been inline
+        del tensor.external_data[:]
+
+
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load an ONNX model with its external data, refusing unsafe locations.
 
+    Nodes stored out of topological order (but acyclic) are put in order;
+    that changes nothing the model computes.
+
     Raises:
-        OnnxlrError: missing/unreadable file, not ONNX, unsafe external data,
-            or a model that fails ``onnx.checker``.
+        OnnxlrError: missing/unreadable file, not ONNX, unsafe or truncated
+            external data, a lying tensor header, a broken graph (cycle,
+            dangling input, missing initializer), or a model ``onnx.checker`` refuses.
     """
     path = Path(path)
     if not path.exists():
         raise OnnxlrError(f"{path}: no such file")
     if not path.is_file():
         raise OnnxlrError(f"{path}: not a regular file")
+    size = path.stat().st_size
+    if size == 0:
+        raise OnnxlrError(f"{path}: empty file, not an ONNX model")
+    if size > PROTOBUF_LIMIT:
+        raise OnnxlrError(f"{path}: {size} bytes, over protobuf's 2 GiB limit: not an ONNX "
+                          f"model file (big models keep their weights in external data)")
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise OnnxlrError(f"{path}: cannot read ({exc.strerror})") from None
-    if not data:
-        raise OnnxlrError(f"{path}: empty file, not an ONNX model")
     model = onnx.ModelProto()
     try:
         model.ParseFromString(data)
     except Exception:  # protobuf raises DecodeError or RuntimeError depending on backend
         raise OnnxlrError(f"{path}: not an ONNX model (protobuf parse failed: truncated or "
                           f"not a model file)") from None
+    del data  # the file's bytes and the parsed model need not live side by side
     if not model.HasField("graph") or not model.opset_import:
         raise OnnxlrError(f"{path}: not an ONNX model (no graph or no opset import)")
-    base_dir = path.parent
-    for tensor in _external_tensors(model):
-        info = external_data_helper.ExternalDataInfo(tensor)
-        resolved = check_external_location(info.location, base_dir,
-                                           what=f"{path}: tensor '{tensor.name}'")
-        if not resolved.is_file():
-            raise OnnxlrError(f"{path}: tensor '{tensor.name}': external data file "
-                              f"{info.location!r} is missing")
-    if _external_tensors(model):
-        try:
-            external_data_helper.load_external_data_for_model(model, str(base_dir))
-        except Exception as exc:
-            raise OnnxlrError(f"{path}: cannot load external data ({exc})") from None
+    _load_external(model, path)
+    if validate.sort_nodes(model.graph):
+        logger.warning("%s: nodes were not in topological order; sorted them", path)
     check_model(model, what=str(path))
     return model
 
 
 def check_model(model: onnx.ModelProto, *, what: str) -> None:
-    """Run ``onnx.checker`` and turn its failure into one readable line."""
-    try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
-            # The in-memory checker cannot take >2 GB; check the structure without weights.
-            stripped = onnx.ModelProto()
-            stripped.CopyFrom(model)
-            for t in external_data_helper._get_all_tensors(stripped):
-                t.ClearField("raw_data")
-            onnx.checker.check_model(stripped)
-        else:
-            onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        raise OnnxlrError(f"{what}: invalid ONNX model: {first}") from None
+    """Tensor sizes, graph structure and ``onnx.checker``, as one readable line on failure.
+
+    See :func:`onnxlr.validate.check_model`; works for models over 2 GB.
+    """
+    validate.check_model(model, what=what)
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -142,33 +240,114 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 @contextmanager
+def _handlers(handler, signals):
+    """Install ``handler`` for ``signals``, restoring the previous handlers afterwards.
+
+    Yields the previous handlers, or None off the main thread (where Python cannot install any).
+    """
+    try:
+        previous = {s: signal.signal(s, handler) for s in signals}
+    except ValueError:
+        yield None
+        return
+    try:
+        yield previous
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+@contextmanager
 def _signals_as_interrupt():
     """Turn SIGTERM into KeyboardInterrupt while writing, so cleanup runs."""
     def handler(signum, frame):  # noqa: ARG001
         raise KeyboardInterrupt(f"signal {signum}")
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not in the main thread: nothing to install
+    with _handlers(handler, (signal.SIGTERM,)):
         yield
-        return
+
+
+#: Tensors smaller than this stay inside the .onnx file when saving with external data.
+INLINE_BYTES = 1024
+#: Offsets of external tensors are multiples of this, so runtimes can map them directly.
+ALIGNMENT = 4096
+
+
+def _write_external(model: onnx.ModelProto, model_path: Path, data_path: Path,
+                    location: str) -> None:
+    """Write the weights' bytes to ``data_path`` and the rest of the model to ``model_path``.
+
+    Not ``onnx.save_model(save_as_external_data=True)``: that moves the bytes out
+    of the model it is given, so callers copy the whole model first (twice the
+    memory). Here the model is only read: a copy of its structure gets the
+    external references, and each tensor's bytes pass through memory one at a time.
+    """
+    probe, stripped = validate.light_copy(model, keep_below=INLINE_BYTES)
+    offset = 0
+    with open(data_path, "wb") as fh:
+        for src, dst, size in stripped:
+            pad = -offset % ALIGNMENT
+            fh.write(b"\0" * pad)
+            offset += pad
+            fh.write(src.raw_data)
+            dst.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)),
+                               ("length", str(size))):
+                dst.external_data.add(key=key, value=value)
+            offset += size
+        fh.flush()
+        os.fsync(fh.fileno())
+    _write_proto(probe, model_path)
+
+
+def _write_proto(model: onnx.ModelProto, path: Path) -> None:
     try:
-        yield
+        data = model.SerializeToString()
+    except Exception:  # protobuf refuses messages over 2 GiB (EncodeError/ValueError)
+        raise OnnxlrError(f"{path.name}: the model is over protobuf's 2 GiB limit even without "
+                          f"its weights; cannot save it") from None
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+@contextmanager
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM back while the final renames run; they take effect right after.
+
+    Done with Python-level handlers, not ``pthread_sigmask``: a process-directed signal goes
+    to any thread that does not block it (ORT and BLAS start threads), and Python then runs
+    its handler in the main thread anyway.
+    """
+    pending: list[int] = []
+    previous = None
+    try:
+        with _handlers(lambda signum, frame: pending.append(signum),
+                       (signal.SIGINT, signal.SIGTERM)) as previous:
+            yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        handler = previous[pending[0]] if previous and pending else None
+        if callable(handler):
+            handler(pending[0], None)  # SIGINT's default raises KeyboardInterrupt, as does ours
+        elif handler == signal.SIG_DFL:
+            os.kill(os.getpid(), pending[0])
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
-               protect: list[str | os.PathLike] = (), external_data: bool | None = None) -> None:
-    """Save atomically; models above ~1.8 GB (or when asked) get external data.
+               protect: list[str | os.PathLike] = (), external_data: bool | None = None,
+               threshold: int = EXTERNAL_DATA_THRESHOLD) -> None:
+    """Save atomically; models above ``threshold`` bytes (or when asked) get external data.
 
-    The external data file is ``<name>.data`` in the output's folder and is
-    moved into place before the model that refers to it.
+    The external data file is ``<name>.data`` in the output's folder (never
+    anywhere else) and is moved into place before the model that refers to it.
 
     Args:
         model: the model to write (not modified).
         path: destination ``.onnx`` path.
         protect: paths that must never be overwritten (the input model).
         external_data: force external data on/off; ``None`` decides by size.
+        threshold: model size in bytes above which ``None`` means external data
+            (default ~1.8 GB, under protobuf's 2 GiB limit).
     """
     path = Path(path)
     for p in protect:
@@ -180,35 +359,41 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
         raise OnnxlrError(f"{path}: output folder {str(folder)!r} does not exist")
     if path.is_dir():
         raise OnnxlrError(f"{path}: output path is a folder")
+    for tensor in validate.all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            # writing it as is would hand on a reference to wherever the input pointed
+            raise OnnxlrError(f"{path}: tensor {validate.quote(tensor.name)} still refers to "
+                              f"external data that was never loaded; refusing to save a "
+                              f"reference to another file")
     if external_data is None:
-        external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+        external_data = validate.model_bytes(model) > threshold
     data_name = path.name + ".data"
     if external_data:
         check_external_location(data_name, folder, what=str(path))
         for p in protect:
             if same_file(folder / data_name, p):
                 raise OnnxlrError(f"{path}: its external data file would overwrite the input")
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxlr-tmp-", dir=folder))
+    # named before it exists, so that a signal arriving while it is created still finds it
+    tmp_dir: Path | None = folder / f".onnxlr-tmp-{secrets.token_hex(8)}"
     try:
-        with _signals_as_interrupt():
+        with _signals_as_interrupt():  # SIGTERM, too, must run the cleanup below
+            try:
+                os.mkdir(tmp_dir, 0o700)
+            except FileExistsError:  # not ours: never clean it up
+                tmp_dir = None
+                raise
             tmp_model = tmp_dir / path.name
-            to_write = model
             if external_data:
-                to_write = onnx.ModelProto()
-                to_write.CopyFrom(model)
-                onnx.save_model(to_write, str(tmp_model), save_as_external_data=True,
-                                all_tensors_to_one_file=True, location=data_name,
-                                size_threshold=1024)
+                _write_external(model, tmp_model, tmp_dir / data_name, data_name)
             else:
-                onnx.save_model(to_write, str(tmp_model))
-            for f in (tmp_model,) + ((tmp_dir / data_name,) if external_data else ()):
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-            if external_data:
-                os.replace(tmp_dir / data_name, folder / data_name)
-            os.replace(tmp_model, path)
+                _write_proto(model, tmp_model)
+            with _signals_deferred():  # the data and the model that refers to it move together
+                if external_data:
+                    os.replace(tmp_dir / data_name, folder / data_name)
+                os.replace(tmp_model, path)
     except OSError as exc:
         raise OnnxlrError(f"{path}: cannot write ({exc.strerror or exc})") from None
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.info("wrote %s%s", path, " (+ external data)" if external_data else "")

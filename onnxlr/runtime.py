@@ -147,7 +147,8 @@ def _random(rng: np.random.Generator, name: str, dtype: np.dtype, shape: tuple[i
         # refuse before allocating: a declared shape is untrusted, an OOM kill is no error message
         raise OnnxlrError(f"input {name!r} would have {count} elements (shape "
                           f"{'x'.join(map(str, shape))}), over onnxlr's limit of "
-                          f"{MAX_INPUT_ELEMENTS}: give a smaller --input-shape or --inputs FILE.npz")
+                          f"{MAX_INPUT_ELEMENTS}: give a smaller --input-shape or "
+                          f"--inputs FILE.npz")
     if dtype.kind == "f":
         return np.asarray(rng.standard_normal(shape)).astype(dtype)
     if dtype.kind in "iu":

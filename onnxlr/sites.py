@@ -15,6 +15,13 @@ import onnx_graphsurgeon as gs
 from onnxlr.graph import constant_value, static_shape
 
 FLOAT_KINDS = ("f",)
+#: Float types numpy knows only through ml_dtypes (``dtype.kind`` is 'V'): decomposed in float64.
+EXTRA_FLOAT_DTYPES = ("bfloat16",)
+#: Quantized layers: their integer weights and scales are left exactly as they are.
+QUANTIZED_OPS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm")
+#: Largest weight (elements) each method decomposes: SVD/Tucker need a few float64 copies of it
+#: (2**28 elements: 2 GiB each); a CP sweep costs 2·size·R flops and 3 copies, so CP gets less.
+MAX_DECOMPOSE_ELEMENTS = {"svd": 2**28, "tucker": 2**28, "cp": 2**25}
 
 
 @dataclass
@@ -81,29 +88,69 @@ def _positions(shape, spatial_rank: int | None) -> tuple[tuple[int, ...], bool]:
     return tuple(d if d is not None else 1 for d in dims) or (1,), known
 
 
-def _float_weight(value: np.ndarray | None) -> str | None:
+def _float_weight(value: np.ndarray | None, tensor: gs.Tensor | None = None) -> str | None:
     if value is None:
+        producer = tensor.inputs[0].op if tensor is not None and len(tensor.inputs) == 1 else None
+        if producer == "DequantizeLinear":
+            return ("weight comes from DequantizeLinear (a quantized model): its integer "
+                    "weights and scales are left alone")
         return "weight is not a constant (computed at run time)"
-    if value.dtype.kind not in FLOAT_KINDS:
+    if value.dtype.kind not in FLOAT_KINDS and value.dtype.name not in EXTRA_FLOAT_DTYPES:
         return f"weight has dtype {value.dtype} (quantized or integer layers are left alone)"
     return None
 
 
-def find_site(node: gs.Node) -> LayerSite | str:
-    """Match one node: a :class:`LayerSite`, or the reason it cannot be factorised."""
+def too_big(site: LayerSite, method: str) -> str | None:
+    """Why ``method`` must not decompose this weight (time and memory per layer), or None."""
+    limit = MAX_DECOMPOSE_ELEMENTS.get(method)
+    if limit is not None and site.weight.size > limit:
+        return (f"weight has {site.weight.size} elements, over the {method} limit of {limit} "
+                f"(decomposition time and memory are bounded per layer)")
+    return None
+
+
+def find_site(node: gs.Node, graph: gs.Graph | None = None) -> LayerSite | str:
+    """Match one node: a :class:`LayerSite`, or the reason it cannot be factorised.
+
+    Args:
+        node: the node.
+        graph: its graph, when known: a weight that is also a graph input (a
+            value the user may feed at run time) is then left alone, and so is a
+            Gemm before opset 11 (whose C input is mandatory).
+    """
+    if node.op in QUANTIZED_OPS:
+        return f"quantized layer ({node.op}): its integer weights and scales are left alone"
+    if node.op not in ("Gemm", "MatMul", "Conv"):
+        return f"op {node.op} is not a candidate"
+    if len(node.inputs) < 2 or not node.outputs:
+        return f"{node.op} with {len(node.inputs)} input(s) and {len(node.outputs)} output(s)"
+    if graph is not None:
+        reason = _graph_context(node, graph)
+        if reason:
+            return reason
     if node.op == "Gemm":
         return _gemm_site(node)
     if node.op == "MatMul":
         return _matmul_site(node)
-    if node.op == "Conv":
-        return _conv_site(node)
-    return f"op {node.op} is not a candidate"
+    return _conv_site(node)
+
+
+def _graph_context(node: gs.Node, graph: gs.Graph) -> str | None:
+    if len(node.inputs) > 1:
+        weight = node.inputs[1]
+        if isinstance(weight, gs.Constant) and any(t is weight for t in graph.inputs):
+            return (f"weight {weight.name!r} is also a graph input (a value that can be fed at "
+                    f"run time), so it is left alone")
+    if node.op == "Gemm" and graph.opset is not None and int(graph.opset) < 11:
+        return (f"Gemm at opset {graph.opset}: its C input is mandatory before opset 11, which "
+                f"the factorised chain does not provide (convert the model to opset >= 11)")
+    return None
 
 
 def _shared(tensor: gs.Tensor) -> str | None:
     users = [n for n in tensor.outputs]
     if len(users) > 1:
-        return (f"weight '{tensor.name}' is shared by {len(users)} nodes; factorising one "
+        return (f"weight {tensor.name!r} is shared by {len(users)} nodes; factorising one "
                 f"would duplicate it, so it is left alone")
     return None
 
@@ -115,7 +162,7 @@ def _gemm_site(node: gs.Node) -> LayerSite | str:
     w = constant_value(b)
     if w is None and constant_value(a) is not None:
         return "Gemm's constant operand is A, not B (not supported)"
-    reason = _float_weight(w) or _shared(b)
+    reason = _float_weight(w, b) or _shared(b)
     if reason:
         return reason
     if w.ndim != 2:
@@ -135,7 +182,7 @@ def _matmul_site(node: gs.Node) -> LayerSite | str:
         if constant_value(x) is not None:
             return "MatMul's constant operand is on the left (not supported)"
         return "both MatMul operands are activations"
-    reason = _float_weight(w) or _shared(b)
+    reason = _float_weight(w, b) or _shared(b)
     if reason:
         return reason
     if w.ndim != 2:
@@ -150,7 +197,7 @@ def _matmul_site(node: gs.Node) -> LayerSite | str:
 def _conv_site(node: gs.Node) -> LayerSite | str:
     x, wt = node.inputs[0], node.inputs[1]
     w = constant_value(wt)
-    reason = _float_weight(w) or _shared(wt)
+    reason = _float_weight(w, wt) or _shared(wt)
     if reason:
         return reason
     if w.ndim < 3 or w.ndim > 5:
@@ -170,3 +217,42 @@ def _conv_site(node: gs.Node) -> LayerSite | str:
     out_sp, out_known = _positions(static_shape(node.outputs[0]), spatial_rank)
     kind = "conv1x1" if all(k == 1 for k in w.shape[2:]) else "conv"
     return LayerSite(node, kind, w, bias, in_sp, out_sp, in_known and out_known)
+
+
+def _subgraphs(node: gs.Node):
+    for value in node.attrs.values():
+        for g in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(g, gs.Graph):
+                yield g
+
+
+def nested_layer_records(graph: gs.Graph) -> list:
+    """Records for the Gemm/MatMul/Conv layers inside If/Loop/Scan bodies: all left alone.
+
+    Rewriting a subgraph would have to respect its scoping rules (outer-scope
+    weights, loop-carried values); onnxlr does not, and says so per layer.
+    """
+    from onnxlr.records import LayerRecord  # records import nothing from here; keep it local
+
+    out, todo = [], [(node, "") for node in graph.nodes]
+    while todo:
+        node, outer = todo.pop(0)
+        for sub in _subgraphs(node):
+            where = f"{outer}{node.op} {node.name!r} ({sub.name or 'body'})"
+            for inner in sub.nodes:
+                todo.append((inner, where + " > "))
+                if inner.op not in ("Gemm", "MatMul", "Conv") + QUANTIZED_OPS:
+                    continue
+                record = LayerRecord(name=inner.name, op=inner.op)
+                site = find_site(inner)
+                why = "layers inside If/Loop/Scan subgraphs are left alone"
+                if isinstance(site, LayerSite):
+                    record.kind = site.kind
+                    record.weight_shape = tuple(int(d) for d in site.weight.shape)
+                    record.params_before = record.params_after = site.params
+                    record.macs_before = record.macs_after = site.macs
+                else:
+                    why += f" ({site})"
+                record.reason = f"inside {where}: {why}"
+                out.append(record)
+    return out

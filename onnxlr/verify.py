@@ -9,32 +9,88 @@ that is the task metric, next to the fidelity numbers.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 
 import numpy as np
 import onnx
 
-from onnxlr import runtime
+from onnxlr import runtime, validate
+from onnxlr.errors import OnnxlrError
 
 logger = logging.getLogger(__name__)
 
 
+#: Models above this many bytes reach ONNX Runtime through a temporary file with external data
+#: (ORT cannot take a serialised model over protobuf's 2 GiB limit).
+SESSION_BYTES_LIMIT = 2**31 - 1 - 2**24
+
+
+class VerificationUnavailable(OnnxlrError):
+    """ONNX Runtime cannot run the *original* model (an op or dtype it lacks): nothing was
+    compared. The pipeline may go on unverified when no bound was asked for."""
+
+
+def session(model: onnx.ModelProto, provider: str = "cpu"):
+    """An ORT session for ``model``; over ~2 GB it goes through a temporary external-data file."""
+    if validate.model_bytes(model) <= SESSION_BYTES_LIMIT:
+        return runtime.make_session(model, provider=provider)
+    from onnxlr.io import save_model
+    with tempfile.TemporaryDirectory(prefix="onnxlr-verify-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        save_model(model, path, external_data=True)
+        return runtime.make_session(path, provider=provider)  # ORT has read the data by now
+
+
+#: Input types onnxruntime's Python API cannot be fed as numpy arrays.
+_UNFEEDABLE = {onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN,
+               onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2,
+               onnx.TensorProto.FLOAT8E5M2FNUZ}
+
+
+def _unavailable(reason: str) -> VerificationUnavailable:
+    return VerificationUnavailable(
+        f"verification could not run: {reason}; the result cannot be checked against the "
+        f"original here (to write it unverified: --no-verify --max-error none)")
+
+
+def _check_feedable(model: onnx.ModelProto) -> None:
+    inits = {t.name for t in model.graph.initializer}
+    for v in model.graph.input:
+        elem = v.type.tensor_type.elem_type if v.type.HasField("tensor_type") else None
+        if v.name not in inits and elem in _UNFEEDABLE:
+            raise _unavailable(f"input {v.name!r} is {onnx.TensorProto.DataType.Name(elem)}, "
+                               f"which onnxruntime's Python API cannot be fed")
+
+
 class Verifier:
-    """Reference outputs of the original model, and comparisons against them."""
+    """Reference outputs of the original model, and comparisons against them.
+
+    Raises:
+        VerificationUnavailable: ONNX Runtime cannot load or run the original
+            (a custom-domain op, bf16 kernels the provider lacks, ...).
+    """
 
     def __init__(self, original: onnx.ModelProto, *, input_shapes=None, npz: str | None = None,
                  batch: int = 1, seed: int = 0, max_error: float | None = None,
                  provider: str = "cpu"):
         self.max_error = max_error
         self.provider = provider
+        _check_feedable(original)
         self.feeds = runtime.make_inputs(original, input_shapes, batch=batch, seed=seed, npz=npz)
-        self.reference = runtime.run(runtime.make_session(original, provider=provider), self.feeds)
+        try:
+            self.reference = runtime.run(session(original, provider), self.feeds)
+        except VerificationUnavailable:
+            raise
+        except OnnxlrError as exc:
+            raise _unavailable(str(exc)) from None
         shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in self.feeds.items())
         self.labels = _labels(npz) if npz else None
         self.description = (f"{'inputs from ' + npz if npz else f'seeded random inputs (seed {seed})'}"
                             f": {shapes}")
 
     def compare(self, candidate: onnx.ModelProto) -> runtime.Comparison:
-        outputs = runtime.run(runtime.make_session(candidate, provider=self.provider), self.feeds)
+        outputs = runtime.run(session(candidate, self.provider), self.feeds)
         return runtime.compare_outputs(self.reference, outputs, self.max_error)
 
     def accuracy(self, outputs: dict[str, np.ndarray]) -> float | None:
@@ -51,7 +107,7 @@ class Verifier:
         before = self.accuracy(self.reference)
         if before is None:
             return None
-        outputs = runtime.run(runtime.make_session(candidate, provider=self.provider), self.feeds)
+        outputs = runtime.run(session(candidate, self.provider), self.feeds)
         return before, self.accuracy(outputs)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxlr.errors import OnnxlrError
 from onnxlr.graph import NameScope
 from onnxlr.rank import RankSelector, round_rank
 from onnxlr.sites import LayerSite
@@ -71,8 +72,51 @@ def select_rank(selector: RankSelector, s: np.ndarray, m: int, n: int, multiple:
 
 # --- graph building -------------------------------------------------------------------------
 
+def _largest(dtype) -> float | None:
+    """Largest finite value of a float dtype (ml_dtypes' bfloat16 included), else None."""
+    try:
+        return float(np.finfo(dtype).max)
+    except (TypeError, ValueError):
+        try:
+            import ml_dtypes
+            return float(ml_dtypes.finfo(dtype).max)
+        except (ImportError, TypeError, ValueError):
+            return None
+
+
+def overflow_reason(factors: Factors, dtype) -> str | None:
+    """Why the factors cannot be written in the weight's dtype (fp16 tops out at 65504), else None.
+
+    Factors are computed in float64; written back in float16/bfloat16 a large singular value
+    or core entry would become inf, and the layer would silently compute something else.
+    """
+    limit = _largest(dtype)
+    arrays = factors.arrays if isinstance(factors.arrays, (tuple, list)) else \
+        list(vars(factors.arrays).values())
+    flat = [a for x in arrays for a in (x if isinstance(x, list) else [x])
+            if isinstance(a, np.ndarray) and a.size]
+    if limit is None or not flat:
+        return None
+    peak = max(float(np.max(np.abs(a))) for a in flat)
+    if peak > limit:
+        return (f"a factor reaches {peak:.4g}, beyond the largest {np.dtype(dtype).name} "
+                f"({limit:.4g}); the layer is kept rather than overflow")
+    return None
+
+
 def constant(names: NameScope, name: str, array: np.ndarray, dtype: np.dtype) -> gs.Constant:
-    return gs.Constant(names(name), np.ascontiguousarray(array.astype(dtype)))
+    """A weight for an emitted node, cast from float64 to the layer's dtype (fp16, bf16, ...).
+
+    Raises:
+        OnnxlrError: the cast would turn finite values into inf (checked for the arrays
+            :func:`overflow_reason` cannot see, e.g. a Gemm factor scaled by alpha).
+    """
+    cast = np.ascontiguousarray(np.asarray(array).astype(dtype))
+    if cast.dtype != np.asarray(array).dtype and cast.size:
+        wide = cast.astype(np.float64)
+        if not np.all(np.isfinite(wide)) and np.all(np.isfinite(array)):
+            raise OnnxlrError(f"factor {name!r} overflows {np.dtype(dtype).name}")
+    return gs.Constant(names(name), cast)
 
 
 def new_node(graph: gs.Graph, names: NameScope, name: str, op: str, inputs: list,

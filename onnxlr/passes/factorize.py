@@ -18,10 +18,11 @@ import onnx_graphsurgeon as gs
 
 from onnxlr.graph import NameScope
 from onnxlr.methods import METHODS, Factors, Method
+from onnxlr.methods.base import overflow_reason
 from onnxlr.passes.base import Pass, PassResult
 from onnxlr.rank import RankSelector
 from onnxlr.records import DECLINED, FACTORISED, LayerRecord
-from onnxlr.sites import LayerSite, find_site
+from onnxlr.sites import QUANTIZED_OPS, LayerSite, find_site, nested_layer_records, too_big
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ class Factorize(Pass):
 
     def call(self, graph: gs.Graph) -> PassResult:
         names = NameScope(graph)
-        candidates = [n for n in list(graph.nodes) if n.op in CANDIDATE_OPS and not n.domain]
+        candidates = [n for n in list(graph.nodes)
+                      if n.op in CANDIDATE_OPS + QUANTIZED_OPS and not n.domain]
         records, modified = [], False
         for i, node in enumerate(candidates):
             if self.progress:
@@ -103,11 +105,12 @@ class Factorize(Pass):
             record = self._one(graph, node, names)
             records.append(record)
             modified |= record.status == FACTORISED
+        records.extend(nested_layer_records(graph))  # If/Loop/Scan bodies: left alone, stated
         return PassResult(modified, records)
 
     def _one(self, graph: gs.Graph, node: gs.Node, names: NameScope) -> LayerRecord:
         record = LayerRecord(name=node.name, op=node.op)
-        site = find_site(node)
+        site = find_site(node, graph)
         if isinstance(site, str):
             record.reason = site
             return record
@@ -121,6 +124,8 @@ class Factorize(Pass):
         method_name = self.config.methods.get(site.kind)
         if why_not is None and method_name is None:
             why_not = f"no method selected for {site.kind} layers"
+        if why_not is None:
+            why_not = too_big(site, method_name)
         if why_not is None and node.name in self.keep:
             why_not = self.keep[node.name]
         if why_not:
@@ -152,6 +157,9 @@ class Factorize(Pass):
                              f"{site.params}, MACs {macs} vs {site.macs}")
             return record
         factors = self._factors(method, site, record.ranks)
+        record.reason = overflow_reason(factors, site.weight.dtype) or ""
+        if record.reason:  # e.g. fp16 factors beyond 65504: keep the layer, say why
+            return record
         method.build(graph, site, factors, names)
         record.status, record.params_after, record.macs_after = FACTORISED, params, macs
         record.weight_error = factors.weight_error
