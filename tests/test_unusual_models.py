@@ -238,8 +238,8 @@ def test_weight_that_is_also_a_graph_input_is_left_alone(rng):
 # --- subgraphs, custom ops, outputs, shapes -----------------------------------------------
 
 def control_flow_model(rng):
-    """A top-level MatMul, and MatMuls inside If branches, a Loop body and a Scan body
-    (weights both in the outer scope and inside the bodies)."""
+    """Top-level MatMuls (one shares its weight with an If branch), and MatMuls inside If
+    branches, a Loop body and a Scan body (weights in the outer scope and inside the bodies)."""
     def w(*shape):
         return rng.standard_normal(shape).astype(np.float32)
 
@@ -261,6 +261,7 @@ def control_flow_model(rng):
         [vinfo("s_out", [1, 32]), vinfo("h_out", [1, 32])])
     nodes = [
         helper.make_node("MatMul", ["x", "W0"], ["main"], name="main_mm"),
+        helper.make_node("MatMul", ["x", "Wt"], ["shared"], name="shared_mm"),  # Wt: If too
         helper.make_node("If", ["cond"], ["y_if"], name="branch", then_branch=then_g,
                          else_branch=else_g),
         helper.make_node("Loop", ["trips", "true", "x"], ["y_loop"], name="loop", body=loop_g),
@@ -272,8 +273,9 @@ def control_flow_model(rng):
              init("s0", np.zeros((1, 32), np.float32))]
     return make_model(nodes, [vinfo("x", [4, 32]), vinfo("cond", [], TensorProto.BOOL),
                               vinfo("xs", [4, 1, 32])],
-                      [vinfo("main", [4, 32]), vinfo("y_if", [4, 32]), vinfo("y_loop", [4, 32]),
-                       vinfo("y_scan", [1, 32]), vinfo("y_rows", [4, 1, 32])], inits)
+                      [vinfo("main", [4, 32]), vinfo("shared", [4, 32]), vinfo("y_if", [4, 32]),
+                       vinfo("y_loop", [4, 32]), vinfo("y_scan", [1, 32]),
+                       vinfo("y_rows", [4, 1, 32])], inits)
 
 
 def test_layers_inside_if_loop_scan_are_left_alone_and_stated(rng):
@@ -281,9 +283,11 @@ def test_layers_inside_if_loop_scan_are_left_alone_and_stated(rng):
     out, report = optimize(model, "svd", "4", max_error=None)
     recs = by_name(report)
     assert recs["main_mm"].status == FACTORISED
+    assert "shared by 2 nodes" in recs["shared_mm"].reason  # the other user is in a branch
     for name, where in (("then_mm", "If 'branch'"), ("else_mm", "If 'branch'"),
                         ("loop_mm", "Loop 'loop'"), ("scan_mm", "Scan 'scan'")):
-        assert recs[name].status == DECLINED and recs[name].kind == "matmul"
+        assert recs[name].status == DECLINED
+        assert recs[name].kind == "matmul" or "shared by 2 nodes" in recs[name].reason
         assert where in recs[name].reason and "left alone" in recs[name].reason
     x = rng.standard_normal((4, 32)).astype(np.float32)
     for cond in (True, False):
