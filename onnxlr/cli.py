@@ -28,8 +28,10 @@ def _max_error(value: str) -> float | None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="input .onnx file")
     p.add_argument("--method", default="auto",
-                   help="auto | svd | tucker | cp, or per kind: 'auto,conv=cp' "
-                        "(kinds: gemm, matmul, conv1x1, conv); or alone: prune (channel pruning, "
+                   help="auto | svd | tucker | cp | fastfood | fastfood_svd, or per kind: "
+                        "'auto,conv=cp', 'gemm=fastfood' (kinds: gemm, matmul, conv1x1, conv; "
+                        "fastfood: Adaptive Fastfood for gemm/matmul, its rank is a low-rank "
+                        "correction, 0 at first); or alone: prune (channel pruning, "
                         "needs --calib) | thin (SOMP, data-free; least squares with --calib), "
                         "where --rank 0.5 keeps half the channels. Default: auto")
     p.add_argument("--rank-multiple", type=int, default=1, metavar="N",
