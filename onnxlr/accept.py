@@ -41,7 +41,7 @@ def time_layers(build, verifier, records: list[LayerRecord], timer: LayerTimer,
     out = {}
     for rec in todo:
         node = nodes[rec.name]
-        site = find_site(node)
+        site = find_site(node, graph)
         full = METHODS[rec.method]().full_ranks(site)
         ranks = (candidates_for or _default_candidates)(rec, full)
         out[rec.name] = timer.trials(node, values, rec.method, ranks)

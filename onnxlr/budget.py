@@ -93,7 +93,7 @@ def build_ladders(build, feeds, records: list[LayerRecord], timer: LayerTimer,
         if progress:
             progress(i, len(todo), f"budget: measuring {rec.name}")
         node = nodes[rec.name]
-        site = find_site(node)
+        site = find_site(node, graph)
         method = METHODS[rec.method]()
         cands = [ranks_for_macs(method, site, f, multiple) for f in levels]
         cands = [c for c in dict.fromkeys(cands) if c is not None]
@@ -160,10 +160,11 @@ def selected_layers(build) -> list[LayerRecord]:
 
     config = build.config
     out = []
-    for node in to_graph(build.prepared).nodes:
+    graph = to_graph(build.prepared)
+    for node in graph.nodes:
         if node.op not in CANDIDATE_OPS or node.domain:
             continue
-        site = find_site(node)
+        site = find_site(node, graph)
         if isinstance(site, str) or config.selected(node.name):
             continue
         method = config.methods.get(site.kind)

@@ -232,9 +232,24 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _sigterm_interrupts():
+    """SIGTERM (a pipeline's timeout, ``kill``) is handled like Ctrl-C: clean up, exit 130.
+    Returns the previous handler (None off the main thread, where signals cannot be set)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    return signal.signal(signal.SIGTERM, _terminate)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = _sigterm_interrupts()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -246,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxlr: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            import signal
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
