@@ -244,11 +244,15 @@ def test_method_spec_and_declines(rng):
     small = find_site(to_graph(gemm_model(rng.standard_normal((8, 3)).astype(np.float32),
                                           a_shape=(1, 8))).nodes[0])
     assert METHODS["fastfood"]().choose_ranks(small, FixedRank(5), 1) == (0,)
-    assert METHODS["fastfood_svd"]().choose_ranks(small, FixedRank(2), 1) == (2,)
+    combined = METHODS["fastfood_svd"]()
+    assert combined.choose_ranks(small, FixedRank(2), 1) == (2,)
+    # the correction continues from the Fastfood fit made while choosing its rank
+    corrected, plain = combined.decompose(small, (2,)), combined.decompose(small, (0,))
+    assert corrected.weight_error < plain.weight_error
 
 
 def test_pipeline_accepts_an_exact_layer_and_declines_a_random_one(rng):
-    dim = 16
+    dim = 64
     good = gemm_model(known_fastfood(rng, dim, dim, dim).astype(np.float32), a_shape=(4, dim),
                       transB=1)
     _, report = optimize(good, method="fastfood", max_error=0.01)
