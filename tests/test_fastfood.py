@@ -40,10 +40,13 @@ def known_fastfood(rng, dim: int, n: int, d: int, seed: int = 0) -> np.ndarray:
     return fastfood_matrix(FastfoodFit(blocks, dim, d, n, np.zeros(n)))
 
 
-def rewrite(model, method="fastfood", ranks=(0,), stats=None, **kw):
-    """Decompose and build one layer directly (ranks the pass would decline included)."""
+def rewrite(model, method="fastfood", ranks=(0,), stats=None, unknown_rank=False, **kw):
+    """Decompose and build one layer directly (ranks the pass would decline included);
+    ``unknown_rank`` forgets the shape of the layer's input (an intermediate tensor)."""
     graph = to_graph(model)
     node = next(n for n in graph.nodes if n.op in ("Gemm", "MatMul"))
+    if unknown_rank:
+        node.inputs[0].shape = None
     site = find_site(node, graph)
     assert not isinstance(site, str), site
     m = METHODS[method](**kw)
@@ -171,12 +174,19 @@ def test_gemm_graph_computes_the_fitted_operator(rng, k, n, trans_a, trans_b, wi
     assert "Frobenius" in factors.notes
 
 
-@pytest.mark.parametrize("radix", [2, 8])
-def test_matmul_nd_graph_computes_the_fitted_operator(rng, radix):
+@pytest.mark.parametrize("radix,known_rank", [(2, True), (8, True), (16, False)])
+def test_matmul_nd_graph_computes_the_fitted_operator(rng, radix, known_rank):
     w = rng.standard_normal((24, 10)).astype(np.float32)
-    out, factors, _ = rewrite(matmul_model(w, (2, 3, 24)), ranks=(1,), radix=radix)
+    model = matmul_model(w, (2, 3, 24))
+    if not known_rank:  # e.g. after an op shape inference does not know: flattened at run time
+        relu = onnx.helper.make_node("Relu", ["x"], ["x_relu"], name="relu")
+        model.graph.node[0].input[0] = "x_relu"
+        model.graph.node.insert(0, relu)
+    out, factors, _ = rewrite(model, ranks=(1,), radix=radix, unknown_rank=not known_rank)
+    assert ("Shape" in {n.op_type for n in out.graph.node}) != known_rank
     x = rng.standard_normal((2, 3, 24)).astype(np.float32)
-    expected = fastfood_apply(factors.arrays[0], x.astype(np.float64))
+    expected = fastfood_apply(factors.arrays[0], (x if known_rank else np.maximum(x, 0))
+                              .astype(np.float64))
     got = ort_run(out, {"x": x})[0]
     assert got.shape == (2, 3, 10)
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * np.abs(expected).max())

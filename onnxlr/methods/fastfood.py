@@ -76,14 +76,12 @@ def transform_macs(dim: int, radix: int) -> int:
     return dim * sum(stage_sizes(dim, radix)) // (2 if radix <= 2 else 1)
 
 
-def _lead_dims(site: LayerSite) -> int | str:
-    """How many leading (row) axes the layer's input has, or why that is unknown."""
+def _lead_dims(site: LayerSite) -> int | None:
+    """How many leading (row) axes the layer's input has; None when its rank is unknown."""
     if site.kind == "gemm":
         return 1
     shape = static_shape(site.node.inputs[0])
-    if shape is None:
-        return "MatMul input rank is unknown (the Fastfood graph reshapes by it)"
-    return len(shape) - 1
+    return None if shape is None else len(shape) - 1
 
 
 class FastfoodMethod(Method):
@@ -112,8 +110,7 @@ class FastfoodMethod(Method):
         if next_pow2(d) > MAX_DIM:
             return (f"input size {d} pads to {next_pow2(d)}, over the Fastfood fit's limit "
                     f"{MAX_DIM} (it holds D×D float64 matrices)")
-        lead = _lead_dims(site)
-        return lead if isinstance(lead, str) else None
+        return None
 
     def choose_ranks(self, site: LayerSite, selector: RankSelector, multiple: int,
                      stats: LayerStats | None = None):
@@ -181,8 +178,9 @@ class FastfoodMethod(Method):
             raise OnnxlrError(f"{site.name}: the Fastfood graph needs opset >= {MIN_OPSET} "
                               f"(Pad and Slice with input operands); the model has {opset}")
         lead = _lead_dims(site)
-        FastfoodGraph(graph, names, f"{site.name}/fastfood", site.weight.dtype, lead,
-                      self.radix).emit(site, fit, shift)
+        FastfoodGraph(graph, names, f"{site.name}/fastfood", site.weight.dtype,
+                      1 if lead is None else lead, self.radix).emit(site, fit, shift,
+                                                                    flatten=lead is None)
 
 
 class FastfoodSvdMethod(FastfoodMethod):
@@ -277,8 +275,13 @@ class FastfoodGraph:
             x = self.node(f"{p}/rot", "Transpose", [x], {"perm": rotate})
         return self.reshape(f"{part}/flat", x, [length])
 
-    def emit(self, site: LayerSite, fit: FastfoodFit, shift: np.ndarray | None) -> None:
-        """Replace the layer ``site`` by the fitted Fastfood (``shift``: added to its bias)."""
+    def emit(self, site: LayerSite, fit: FastfoodFit, shift: np.ndarray | None,
+             flatten: bool = False) -> None:
+        """Replace the layer ``site`` by the fitted Fastfood (``shift``: added to its bias).
+
+        ``flatten``: the input's rank is unknown, so it is reshaped to ``[rows, d]`` (with
+        ``lead`` 1) and the result back to the input's leading dims at run time.
+        """
         node = site.node
         attrs = node.attrs
         alpha = float(attrs.get("alpha", 1.0)) if site.kind == "gemm" else 1.0
@@ -290,6 +293,9 @@ class FastfoodGraph:
             x = self.node("input_T", "Transpose", [x], {"perm": [1, 0]})
         d, n, dim, blocks = fit.d, fit.n, fit.dim, len(fit.blocks)
         length = blocks * dim
+        x_in, target = x, (None if flatten else y)
+        if flatten:
+            x = self.node("flat_in", "Reshape", [x, self.ints("flat_in_shape", [-1, d])])
         bmat = np.stack([blk.b[:d] for blk in fit.blocks])
         t = x
         if blocks > 1:
@@ -314,13 +320,21 @@ class FastfoodGraph:
         s = np.concatenate([blk.s for blk in fit.blocks])[:n] * scale
         bias = self._bias(c, beta, alpha * shift if shift is not None else None)
         last = bias is None and fit.u is None
-        t = self.node("S", "Mul", [t, self.const("S_diag", s)], output=y if last else None)
+        t = self.node("S", "Mul", [t, self.const("S_diag", s)], output=target if last else None)
         if fit.u is not None:
             low = self.node("lr_in", "MatMul", [x, self.const("lr_Vt", fit.vt.T)])
             low = self.node("lr_out", "MatMul", [low, self.const("lr_U", alpha * fit.u.T)])
-            t = self.node("lr_add", "Add", [t, low], output=y if bias is None else None)
+            t = self.node("lr_add", "Add", [t, low], output=target if bias is None else None)
         if bias is not None:
-            self.node("bias", "Add", [t, bias], output=y)
+            t = self.node("bias", "Add", [t, bias], output=target)
+        if flatten:
+            shape = self.node("in_shape", "Shape", [x_in], dtype=np.int64)
+            rows = self.node("rows_shape", "Slice", [shape, self.ints("rs_s", [0]),
+                                                     self.ints("rs_e", [-1]),
+                                                     self.ints("rs_ax", [0])], dtype=np.int64)
+            out_shape = self.node("out_shape", "Concat", [rows, self.ints("out_n", [n])],
+                                  {"axis": 0}, dtype=np.int64)
+            self.node("unflat", "Reshape", [t, out_shape], output=y)
 
     def _bias(self, c, beta: float, shift: np.ndarray | None):
         """What to add last: β·C plus the fitted shift, folded when C is a constant."""
