@@ -46,8 +46,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["LayerStats", "Whitener", "whitener", "whitened_spectrum", "whitened_svd",
            "WhitenedSVD", "refit_last", "output_error"]
 
-#: eigenvalues below max/MAX_COND count as zero; Cholesky is trusted up to this condition number
+#: eigenvalues below max/MAX_COND are floored; Cholesky is trusted up to this condition number
 MAX_COND = 1e10
+#: shrinkage of the covariance towards its mean eigenvalue, Σ + DAMPING·(tr Σ / d)·I, for
+#: whitening and refits. Off: on the digits CNN and Magika (32 calibration files) 1e-3..1e-1
+#: changed held-out errors by < 0.01 except one (svd energy:0.97 on Magika, 0.415 → 0.349 at
+#: 0.1, at 1.03x the MACs); the eigenvalue floor already handles unseen directions.
+DAMPING = 0.0
 
 
 @dataclass
@@ -76,9 +81,18 @@ class LayerStats:
 
     def whitener(self, centred: bool) -> "Whitener":
         """Cached :func:`whitener` of the chosen second moment."""
-        if centred not in self._cache:
-            self._cache[centred] = whitener(self.second_moment(centred))
-        return self._cache[centred]
+        key = (centred, DAMPING)
+        if key not in self._cache:
+            self._cache[key] = whitener(self.metric(centred))
+        return self._cache[key]
+
+    def metric(self, centred: bool) -> np.ndarray:
+        """The second moment the decompositions fit, shrunk by :data:`DAMPING` (errors are
+        always reported on the undamped one)."""
+        m = self.second_moment(centred)
+        if DAMPING > 0 and m.size:
+            m = m + DAMPING * max(np.trace(m) / m.shape[0], 0.0) * np.eye(m.shape[0])
+        return m
 
 
 @dataclass
@@ -213,7 +227,7 @@ def refit_last(a: np.ndarray, stage: np.ndarray, stats: LayerStats,
         ``(U, shift, rel_error)``: shift = (A − U C) μ, rel_error from :func:`output_error`.
     """
     a, stage = as_float64(a, 2), as_float64(stage, 2, "chain stage")
-    cov = stats.second_moment(True)
+    cov = stats.metric(True)
     sc = stage @ cov              # (r, d)
     g = sc @ stage.T              # (r, r)
     rhs = a @ sc.T                # (out, r)
