@@ -277,6 +277,7 @@ def test_render_results_md(tmp_path):
                         _row("missed", 0.05, False, 0.95, 1.0),
                         {"setting": "broken", "method": "cp", "rank": "0.5", "bound": None,
                          "error": "OnnxlrError: a|b"}])
+    res["not_run"] = ["cp 0.5"]
     det = _result("d", [_row("default", 0.05, True, None, 1.2, agreement=0.97)], labels=False)
     (tmp_path / "vgg16.md").write_text("## VGG-16\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
     text = results.render([res, det], results.read_fragments(tmp_path))
@@ -289,9 +290,24 @@ def test_render_results_md(tmp_path):
     assert "0.05 (missed)" in text
     assert "error: OnnxlrError: a/b" in text  # a pipe would break the table
     assert "1.000 → 0.970" in text  # agreement-only metric: before is the original itself
+    assert "- **not run** (the run was stopped before them): cp 0.5" in text
     assert "<!-- bench/results/vgg16.md -->\n## VGG-16\n\n| a | b |" in text
     header = next(line for line in text.splitlines() if line.startswith("| setting"))
     assert header.count("|") - 1 == len(results.COLUMNS)
     for line in text.splitlines():
         if line.startswith("| default | auto"):
             assert line.count("|") - 1 == len(results.COLUMNS)
+
+
+def test_render_only_rewrites_results_from_json(tmp_path):
+    import json
+    folder = tmp_path / "results"
+    folder.mkdir()
+    res = _result("magika", [_row("default", 0.05, True, 0.95, 1.3)])
+    (folder / "magika.json").write_text(json.dumps(res))
+    (folder / "notes.md").write_text("## Notes\n")
+    out = tmp_path / "RESULTS.md"
+    assert suite.main(["--render-only", "--results", str(folder), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "### Model magika" in text and "| magika | default |" in text
+    assert text.rstrip().endswith("## Notes")
