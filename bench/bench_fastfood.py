@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnx_graphsurgeon as gs  # noqa: E402
 
-from bench.bench_data_aware import Case, digits_case, real_case, run_all, worst_rel  # noqa: E402
+from bench.bench_data_aware import Case, digits_case, real_case, worst_rel  # noqa: E402
 from onnxlr import runtime  # noqa: E402
 from onnxlr.activations import collect_layer_stats  # noqa: E402
 from onnxlr.graph import NameScope, to_graph, to_model  # noqa: E402
@@ -136,16 +136,39 @@ def slice_feeds(feeds: dict, rows: int) -> dict:
     return {k: v[:rows] for k, v in feeds.items()}
 
 
+def run_chunked(session, feeds_list: list[dict], chunk: int) -> list[dict]:
+    """Like ``run_all``, ``chunk`` samples per ORT run (memory), outputs joined per feed dict
+    along their sample axis (the first axis as long as the chunk)."""
+    out = []
+    for feeds in feeds_list:
+        total = len(next(iter(feeds.values())))
+        parts = [runtime.run(session, {k: v[i:i + chunk] for k, v in feeds.items()})
+                 for i in range(0, total, chunk)]
+        sizes = [min(chunk, total - i) for i in range(0, total, chunk)]
+        joined = {}
+        for name in parts[0]:
+            shape = parts[0][name].shape
+            axis = next((a for a, n in enumerate(shape) if n == sizes[0]), 0)
+            joined[name] = np.concatenate([p[name] for p in parts], axis=axis)
+        out.append(joined)
+    return out
+
+
 def bench_layer(case: Case, prepared, site: LayerSite, stats, ref, threads: int, sweeps: int,
-                rounds: int, batches: tuple[int, ...]) -> tuple[list[list[str]], dict]:
+                rounds: int, batches: tuple[int, ...], chunk: int, max_rows: int):
     chosen = variants(site, sweeps)
     for v in chosen:  # whole model, this layer replaced: held-out error and task metric
         model = replaced(prepared, site.name, v, stats.get(site.name) if v.data else None)
-        out = run_all(runtime.make_session(model, threads=threads), case.evaluate)
+        out = run_chunked(runtime.make_session(model, threads=threads), case.evaluate, chunk)
         v.row.update(model_err=worst_rel(ref, out),
                      score=case.score(out) if case.score else None)
+    # rows (positions) the layer sees per sample bound how many samples it runs on alone
+    _, one = layer_models(prepared, site.name, slice_feeds(case.evaluate[0], 1), [], stats)
+    per_sample = max(1, int(np.prod(next(iter(one.values())).shape[:-1])))
     # the layer alone on held-out inputs: its own output error
-    models, feeds = layer_models(prepared, site.name, case.evaluate[0], chosen, stats)
+    samples = max(1, 4 * max_rows // per_sample)
+    models, feeds = layer_models(prepared, site.name, slice_feeds(case.evaluate[0], samples),
+                                 chosen, stats)
     base = runtime.run(runtime.make_session(models[0], threads=threads), feeds)
     for v, m in zip(chosen, models[1:]):
         got = runtime.run(runtime.make_session(m, threads=threads), feeds)
@@ -158,6 +181,7 @@ def bench_layer(case: Case, prepared, site: LayerSite, stats, ref, threads: int,
                    ff.ranks, True, factors=ff.factors)
     timing = {}
     for batch in batches:
+        batch = max(1, min(batch, max_rows // per_sample))
         sample = slice_feeds(case.evaluate[0], batch)
         models, feeds = layer_models(prepared, site.name, sample, [ff, bfly, svd], stats)
         sessions = [runtime.make_session(m, threads=threads) for m in models]
@@ -175,7 +199,8 @@ def fmt(v, digits=4):
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def bench_case(case: Case, threads: int, sweeps: int, rounds: int, batches) -> tuple[list, list]:
+def bench_case(case: Case, threads: int, sweeps: int, rounds: int, batches, chunk: int,
+               max_rows: int) -> tuple[list, list]:
     prepared = prepare(load_model(str(case.model_path)))
     graph = to_graph(prepared)
     sites = [s for s in (find_site(n, graph) for n in graph.nodes if n.op in ("Gemm", "MatMul"))
@@ -184,7 +209,7 @@ def bench_case(case: Case, threads: int, sweeps: int, rounds: int, batches) -> t
     stats = collect_layer_stats(prepared, case.calib,
                                 select=lambda s: s.kind in ("gemm", "matmul"))
     stats_s = time.perf_counter() - t0
-    ref = run_all(runtime.make_session(prepared, threads=threads), case.evaluate)
+    ref = run_chunked(runtime.make_session(prepared, threads=threads), case.evaluate, chunk)
     base_score = case.score(ref) if case.score else None
     lines = [f"### {case.title}", ""] + [f"- {n}" for n in case.notes] + [
         f"- FC layers: {len(sites)}; calibration statistics in {stats_s:.1f} s",
@@ -195,7 +220,7 @@ def bench_case(case: Case, threads: int, sweeps: int, rounds: int, batches) -> t
         d, n = site.matrix.shape
         print(f"== {case.name} {site.name} {d}->{n}", flush=True)
         chosen, timing, bfly = bench_layer(case, prepared, site, stats, ref, threads, sweeps,
-                                           rounds, batches)
+                                           rounds, batches, chunk, max_rows)
         dense_params, dense_macs = site.params, site.macs // max(site.out_positions, 1)
         lines += [f"**{site.name}** ({site.kind}, {d}→{n}, {dense_params:,} params, "
                   f"{dense_macs:,} MACs per row)", ""]
@@ -230,6 +255,42 @@ def bench_case(case: Case, threads: int, sweeps: int, rounds: int, batches) -> t
     return lines, summary
 
 
+PIPELINE = [("fastfood", "fastfood", False), ("fastfood", "fastfood", True),
+            ("svd (FC only)", "gemm=svd,matmul=svd", True)]
+
+
+def pipeline_rows(case: Case, threads: int) -> list[str]:
+    """``optimize`` end to end on the digits CNN's FC layers with the default 5% bound: what
+    the back-off does with Fastfood (it grows the correction, or reverts the layer)."""
+    from onnxlr.pipeline import optimize
+
+    head = ["method", "calibration", "layer: status, rank, params, MACs", "logits rel. L2",
+            "accuracy", "tool s"]
+    rows = ["End to end (`onnxlr optimize --method ... --inputs examples/digits_test.npz`, "
+            "default `--max-error 0.05`, back-off on), FC layers only:", "",
+            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, spec, calibrated in PIPELINE:
+        t0 = time.perf_counter()
+        _, report = optimize(str(case.model_path), method=spec,
+                             inputs=str(ROOT / "examples/digits_test.npz"),
+                             calib=[case.calib] if calibrated else None, threads=threads,
+                             measure_latency=False, latency_cache=None)
+        layers = "; ".join(
+            f"{r.name.split('/')[-2]}: "
+            + (f"rank {r.ranks[0]}, {r.params_after:,}/{r.params_before:,} params, "
+               f"{r.macs_after:,}/{r.macs_before:,} MACs" if r.status == "factorised"
+               else f"{r.status} ({r.reason.split(':')[0]})")
+            for r in report.records if r.kind in ("gemm", "matmul"))
+        acc = report.accuracy
+        rows.append("| " + " | ".join([
+            label, "yes" if calibrated else "no", layers,
+            f"{report.comparison.worst_rel_l2:.4f}",
+            f"{acc[0]:.4f} → {acc[1]:.4f}" if acc else "-",
+            f"{time.perf_counter() - t0:.0f}"]) + " |")
+        print(rows[-1], flush=True)
+    return rows + [""]
+
+
 def verdicts(summary: list[dict]) -> list[str]:
     """Counted wins and losses, layer by layer (held-out layer error; latency)."""
     if not summary:
@@ -257,7 +318,12 @@ def main() -> None:
     parser.add_argument("--sweeps", type=int, default=100, help="most ALS sweeps per fit")
     parser.add_argument("--rounds", type=int, default=200, help="interleaved timing rounds")
     parser.add_argument("--batches", default="1,64", help="samples per timed run")
+    parser.add_argument("--chunk", type=int, default=32, help="samples per ORT run (memory)")
+    parser.add_argument("--max-rows", type=int, default=16384,
+                        help="most layer rows timed at once (4x that for the layer error)")
     parser.add_argument("--quick", action="store_true", help="smaller real-model inputs")
+    parser.add_argument("--no-pipeline", action="store_true",
+                        help="skip the end-to-end optimize rows on the digits CNN")
     parser.add_argument("--cache", default=str(ROOT / "bench/.cache"))
     parser.add_argument("--out", default=str(ROOT / "bench/results/fastfood.md"))
     args = parser.parse_args()
@@ -284,9 +350,12 @@ def main() -> None:
     summary = []
     batches = tuple(int(b) for b in split(args.batches))
     for case in cases:
-        part, rows = bench_case(case, args.threads, args.sweeps, args.rounds, batches)
+        part, rows = bench_case(case, args.threads, args.sweeps, args.rounds, batches,
+                                args.chunk, args.max_rows)
         lines += part
         summary += rows
+        if case.name == "digits_cnn" and not args.no_pipeline:
+            lines += pipeline_rows(case, args.threads)
     lines += verdicts(summary) + failed
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")

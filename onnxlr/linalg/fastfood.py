@@ -28,6 +28,12 @@ inputs), minimise ``tr((V − W) Σ (V − W)ᵀ)``. ``V`` is linear in each of 
 Each step cannot increase the objective. Blocks own disjoint output rows, so each is
 fitted on its own. With an input mean ``μ`` the output bias absorbs ``−(V − W) μ``.
 
+**Starts.** From a random start (B = ±1, G Gaussian) the ALS stalls in a poor local
+minimum on about 5 of 6 exactly representable blocks (measured at D = 16…256; joint
+L-BFGS did no better). For a square block (``n_b = d = D``) :func:`_structural_start`
+reads S and B off the matrix itself and recovers such blocks to ~1e-10; each block keeps
+the better of the two starts.
+
 **Low-rank correction** (optional): ``V + U Vᵗ`` with ``U Vᵗ`` of rank ``k``, fitted by
 alternating the Fastfood fit on ``W − U Vᵗ`` and the Σ-weighted truncated SVD of
 ``W − V`` (the best rank-``k`` correction for fixed ``V``).

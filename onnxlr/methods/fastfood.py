@@ -32,7 +32,8 @@ block; a Kronecker stage of size r costs ``D·r``) and the correction (its two M
 Add); like the other methods, the final bias Add is not counted.
 
 Without calibration data the fit matches ``W`` in Frobenius norm, which is the expected
-output error on isotropic Gaussian inputs; the record's notes say which it was.
+output error on isotropic Gaussian inputs; with it, the layer's output error on the
+calibration statistics (covariance shrunk by :data:`SHRINK`); the record's notes say which.
 """
 from __future__ import annotations
 
@@ -59,6 +60,11 @@ from onnxlr.sites import LayerSite
 #: interleaved); ``FastfoodMethod(radix=2)`` emits the butterflies.
 RADIX = 16
 MIN_OPSET = 11
+#: Shrinkage of the calibration covariance towards isotropic (see :func:`shrunk`). Held-out
+#: layer output error for 0 → 0.1: 1.24 → 0.88 (sklearn MLP 64→256, 64 calibration rows),
+#: 0.27 → 0.20 (its 128→10), 0.616 → 0.604 (digits 512→256, 1347 rows); 0.01 and d/N did
+#: no better.
+SHRINK = 0.1
 
 
 def stage_sizes(dim: int, radix: int) -> list[int]:
@@ -74,6 +80,13 @@ def stage_sizes(dim: int, radix: int) -> list[int]:
 def transform_macs(dim: int, radix: int) -> int:
     """MACs of one Walsh–Hadamard transform of length ``dim`` (an add counts as one)."""
     return dim * sum(stage_sizes(dim, radix)) // (2 if radix <= 2 else 1)
+
+
+def shrunk(cov: np.ndarray, amount: float = SHRINK) -> np.ndarray:
+    """``Σ + amount·(tr Σ / d)·I``: pulls the fit towards W in directions the calibration
+    data barely excites (Fastfood, unlike a whitened SVD, would fill them with anything)."""
+    d = cov.shape[0]
+    return cov + amount * float(np.trace(cov)) / max(d, 1) * np.eye(d)
 
 
 def _lead_dims(site: LayerSite) -> int | None:
@@ -154,7 +167,7 @@ class FastfoodMethod(Method):
             if stats.dim != a.shape[1]:
                 raise OnnxlrError(f"{site.name}: calibration statistics have {stats.dim} "
                                   f"features, the layer has {a.shape[1]} inputs")
-            fit = fit_fastfood(a, cov=stats.second_moment(centred),
+            fit = fit_fastfood(a, cov=shrunk(stats.second_moment(centred)),
                                mean=stats.mean if centred else None, rank=rank,
                                sweeps=self.sweeps, seed=self.seed, start=start)
             shift = fit.bias_shift if centred else None
