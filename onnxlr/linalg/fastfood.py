@@ -197,7 +197,7 @@ def _xor_table(dim: int) -> np.ndarray:
 
 
 class _Weighting:
-    """The input covariance Σ (D × D, zero on padded inputs): a diagonal or a dense matrix."""
+    """The input covariance Σ (D × D, zero on padded inputs), kept as a vector if diagonal."""
 
     def __init__(self, dim: int, d: int, cov: np.ndarray | None):
         self.diag: np.ndarray | None = None
@@ -205,9 +205,9 @@ class _Weighting:
         if cov is None:
             self.diag = np.zeros(dim)
             self.diag[:d] = 1.0
-        elif cov.ndim == 1 or np.count_nonzero(cov - np.diag(np.diag(cov))) == 0:
+        elif not np.any(cov - np.diag(np.diag(cov))):
             self.diag = np.zeros(dim)
-            self.diag[:d] = np.diag(cov) if cov.ndim == 2 else cov
+            self.diag[:d] = np.diag(cov)
         else:
             self.dense = np.zeros((dim, dim))
             self.dense[:d, :d] = cov

@@ -108,6 +108,7 @@ class FastfoodMethod(Method):
 
     name = "fastfood"
     kinds = frozenset({"gemm", "matmul"})
+    min_rank = 0  # rank 0 (no correction) is the plain method, not an empty layer
     help = ("Adaptive Fastfood (Deep Fried Convnets): S·H·G·Π·H·B blocks fitted to the layer, "
             "Hadamard in Kronecker stages; rank = low-rank correction, starts at 0")
     data_aware = True
