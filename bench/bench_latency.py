@@ -62,6 +62,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--image", type=int, default=224)
+    parser.add_argument("--append", action="store_true",
+                        help="add rows to an existing --out table instead of starting it")
+    parser.add_argument("--skip", default="",
+                        help="comma list of model:method:rank:accept settings already measured")
     parser.add_argument("--quick", action="store_true", help="64×64 images, 5 rounds")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "latency_cnn.md"))
     args = parser.parse_args()
@@ -74,10 +78,15 @@ def main() -> None:
              f"rounds per batch size, median of per-round ratios; rank multiple 8; no error "
              f"bound (random weights). Measured while other jobs shared the machine.", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    if args.append and out.is_file():
+        lines = out.read_text().rstrip("\n").splitlines()
     out.write_text("\n".join(lines) + "\n")
+    skip = set(filter(None, args.skip.split(",")))
     for name in args.models.split(","):
         model = BUILDERS[name](batch="N", image=image)
         for method, rank, accept in SETTINGS[name]:
+            if f"{name}:{method}:{rank}:{accept}" in skip:
+                continue
             t0 = time.perf_counter()
             result, report = optimize(model, method, rank, rank_multiple=8, max_error=None,
                                       verify=accept == "latency", accept=accept,
