@@ -176,9 +176,10 @@ def bench_case(case: Case, methods, ratios, energies, max_positions, cp_seconds,
                 table.append("| " + " | ".join(cells) + " |")
             print(" | ".join(cells), flush=True)
     lines += [f"Equal ranks (same MACs; MACs of the candidate layers, {macs_before:,} before):",
-              ""] + table + ["", "Spectrum rule applied to the weight spectrum (free) or the "
-                             "whitened, output-energy spectrum (data): ranks differ.", ""]
-    lines += energy_table + [""]
+              ""] + table + [""]
+    if energies:
+        lines += ["Spectrum rule applied to the weight spectrum (free) or the whitened, "
+                  "output-energy spectrum (data): ranks differ.", ""] + energy_table + [""]
     return lines
 
 
