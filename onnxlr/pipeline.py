@@ -371,7 +371,9 @@ def add_provenance(model: onnx.ModelProto, report: Report) -> onnx.ModelProto:
     """Record onnxlr's version, settings and per-layer ranks in ``metadata_props``."""
     layers = {r.name: {"method": r.method, "ranks": list(r.ranks)}
               for r in report.records if r.status == FACTORISED}
+    calibrated = any(r.extra.get("data_aware") for r in report.records)
     entries = {"onnxlr.version": __version__, "onnxlr.method": report.method,
+               "onnxlr.calibration": "yes" if calibrated else "no",
                "onnxlr.rank": report.rank, "onnxlr.layers": json.dumps(layers, sort_keys=True)}
     kept = [p for p in model.metadata_props if p.key not in entries]
     del model.metadata_props[:]
