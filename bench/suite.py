@@ -3,7 +3,7 @@
 One command runs it all and writes ``bench/RESULTS.md``::
 
     pip install -e '.[cpu,bench]'
-    python -m bench.suite                 # every model, ~25 min on 2 cores
+    python -m bench.suite                 # every model: hours on a loaded 2-core machine
     python -m bench.suite --quick         # fewer inputs and settings (smoke test)
     python -m bench.suite --models magika,ddddocr
 
@@ -11,7 +11,11 @@ For each model (``bench/real/<model>.py``: fetch, inputs, task metric) and each
 setting (keyword arguments of :func:`onnxlr.pipeline.optimize`) it records the
 params and MACs ratios, the ORT CPU speed-up measured A/B interleaved in one
 process, the output error and the task metric on held-out inputs, and the
-tool's own run time. Raw results go to ``bench/results/<model>.json``.
+tool's own run time. Raw results go to ``bench/results/<model>.json``, saved after every
+setting (quick unbounded settings run first), so a run stopped early keeps what it measured.
+Time: the bounded settings back off layer by layer, re-verifying each time: on a shared 2-core
+machine at load 8-13, ddddocr's default took 19 min and NudeNet's 29 min; the small models
+take minutes.
 Settings that use parameters this onnxlr lacks (``accept``, ``calib``) are
 skipped, so the suite follows the library as it grows.
 """

@@ -285,7 +285,8 @@ def test_render_results_md(tmp_path):
     assert "Test CPU, 2 cores" in text and "2 intra-op threads" in text
     assert "### Model m" in text and "### Model d" in text
     assert "| m | default | 2/5 | 0.400x | 1.40x | accuracy | 0.950 → 0.950 |" in text
-    assert "| d | no safe setting" in text  # agreement 0.97 < 1.0 - SAFE_DROP
+    # agreement 0.97 < 1.0 - SAFE_DROP: not safe, the default row is shown with the reason
+    assert "| d | no safe setting; default: task metric lost | 2/5 | 0.400x | 1.20x |" in text
     assert "| vbmf, no bound | auto | vbmf | none |" in text and "0.950 → 0.500" in text
     assert "0.05 (missed)" in text
     assert "error: OnnxlrError: a/b" in text  # a pipe would break the table

@@ -88,13 +88,19 @@ def headline(results: list[dict]) -> str:
     lines = ["| model | setting | layers | MACs | speed-up (ORT CPU) | task metric | before → after |",
              "|---|---|---|---|---|---|---|"]
     for res in results:
-        row = best_safe(res)
-        if row is None:
-            lines.append(f"| {res['name']} | no safe setting saved anything | - | 1.000x | - | "
-                         f"{res['metric']} | - |")
-            continue
+        row, label = best_safe(res), None
+        if row is None:  # show what the defaults did, and say why it is not the headline
+            row = next((r for r in res["rows"] if r["setting"] == "default" and not r.get("error")),
+                       None)
+            if row is None:
+                lines.append(f"| {res['name']} | no safe setting | - | - | - | {res['metric']} | - |")
+                continue
+            before, after = metric_pair(res, row)
+            why = ("nothing factorised" if not row["layers"] else "missed the bound"
+                   if not row.get("bound_met") else "task metric lost")
+            label = f"no safe setting; default: {why}"
         before, after = metric_pair(res, row)
-        lines.append(f"| {res['name']} | {row['setting']} | {row['layers']}/{row['candidates']} | "
+        lines.append(f"| {res['name']} | {label or row['setting']} | {row['layers']}/{row['candidates']} | "
                      f"{row['macs_ratio']:.3f}x | {row['speedup']:.2f}x | {res['metric']} | "
                      f"{_f(before)} → {_f(after)} |")
     return "\n".join(lines) + "\n"
