@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from onnxlr.errors import OnnxlrError
 from onnxlr.graph import to_graph
 from onnxlr.methods import METHODS, parse_method
 from onnxlr.pipeline import prepare
@@ -35,6 +36,10 @@ class LayerView:
 def inspect_model(model: onnx.ModelProto, method: str = "auto", rules=RULES,
                   rank_multiple: int = 1) -> list[LayerView]:
     """One :class:`LayerView` per Gemm/MatMul/Conv node of the prepared model."""
+    from onnxlr.methods import CHANNEL_METHODS
+    if method.strip() in CHANNEL_METHODS:
+        raise OnnxlrError(f"inspect lists factorisation ranks; --method {method.strip()} has none "
+                          f"(run optimize: its report lists the removed channels per layer)")
     plan = parse_method(method)
     selectors = [parse_rank(r) for r in rules]
     views = []

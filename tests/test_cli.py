@@ -125,3 +125,14 @@ def test_dynamic_dim_given_by_input_shape(tmp_path):
                   "--rank", "2", "--max-error", "none")
     assert done.returncode == 0, done.stderr
     assert "x[2, 5, 8]" in done.stdout
+
+
+def test_inspect_with_a_channel_method_is_a_clean_error(tmp_path, capsys):
+    import onnx
+
+    from conftest import tiny_cnn
+    from onnxlr.cli import main
+    src = tmp_path / "m.onnx"
+    onnx.save(tiny_cnn(), src)
+    assert main(["inspect", str(src), "--method", "prune"]) == 1
+    assert "inspect lists factorisation ranks" in capsys.readouterr().err
