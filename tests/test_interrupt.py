@@ -159,6 +159,8 @@ def test_signal_during_the_renames_waits_until_both_files_are_in_place(tmp_path,
         real(src, dst)
 
     monkeypatch.setattr(io.os, "replace", replace)
+    # Python's own Ctrl-C handler, whatever an earlier test in this process left installed
+    restore = signal.signal(signal.SIGINT, signal.default_int_handler)
     idle = threading.Event()  # another thread, as ORT and BLAS start: it may take the signal
     helper = threading.Thread(target=idle.wait, daemon=True)
     helper.start()
@@ -168,6 +170,7 @@ def test_signal_during_the_renames_waits_until_both_files_are_in_place(tmp_path,
     finally:
         idle.set()
         helper.join()
+        signal.signal(signal.SIGINT, restore)
     assert calls == ["m.onnx.data", "m.onnx"]
     assert load_model(tmp_path / "m.onnx").graph.initializer[0].name == "W"
     assert not list(tmp_path.glob(".onnxlr-*"))
