@@ -17,8 +17,7 @@ import logging
 import onnx
 
 from onnxlr import runtime
-from onnxlr.graph import to_graph
-from onnxlr.latency import LayerTimer, capture, layer_inputs, pick_fastest, rank_variants
+from onnxlr.latency import LayerTimer, layer_nodes_and_inputs, pick_fastest, rank_variants
 from onnxlr.methods import METHODS
 from onnxlr.records import FACTORISED, REVERTED, LayerRecord
 from onnxlr.sites import find_site
@@ -33,11 +32,10 @@ def time_layers(build, verifier, records: list[LayerRecord], timer: LayerTimer,
     ``candidates_for(record, full_ranks)`` gives the ranks to try (default: the
     record's ranks and their rounded-up variants).
     """
-    graph = to_graph(build.prepared)
-    nodes = {n.name: n for n in graph.nodes}
+    graph, nodes, values = layer_nodes_and_inputs(
+        build.prepared, [r.name for r in records if r.status == FACTORISED], verifier.feeds,
+        provider=timer.provider)
     todo = [r for r in records if r.status == FACTORISED and r.name in nodes]
-    wanted = [t.name for r in todo for t in layer_inputs(nodes[r.name])]
-    values = capture(build.prepared, verifier.feeds, wanted, provider=timer.provider)
     out = {}
     for rec in todo:
         node = nodes[rec.name]

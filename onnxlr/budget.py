@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 
 from onnxlr.errors import OnnxlrError
-from onnxlr.latency import LayerTimer, Trial, capture, layer_inputs
+from onnxlr.latency import LayerTimer, Trial, layer_nodes_and_inputs
 from onnxlr.methods import METHODS
 from onnxlr.graph import to_graph
 from onnxlr.records import LayerRecord
@@ -83,11 +83,9 @@ def build_ladders(build, feeds, records: list[LayerRecord], timer: LayerTimer,
                   multiple: int, levels=LEVELS, progress=None) -> list[Ladder]:
     """Measure every selected layer at each level of its ladder (options that save nothing,
     or for a speed target are not faster, are dropped)."""
-    graph = to_graph(build.prepared)
-    nodes = {n.name: n for n in graph.nodes}
+    graph, nodes, values = layer_nodes_and_inputs(
+        build.prepared, [r.name for r in records if r.method], feeds, provider=timer.provider)
     todo = [r for r in records if r.method and r.name in nodes]
-    wanted = [t.name for r in todo for t in layer_inputs(nodes[r.name])]
-    values = capture(build.prepared, feeds, wanted, provider=timer.provider)
     ladders = []
     for i, rec in enumerate(todo):
         if progress:

@@ -128,6 +128,18 @@ def capture(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[st
     return found
 
 
+def layer_nodes_and_inputs(model: onnx.ModelProto, names: list[str], feeds, *,
+                           provider: str = "cpu") -> tuple[gs.Graph, dict, dict]:
+    """The model's graph, its nodes by name, and the captured inputs of the named layers:
+    what timing layers alone (latency acceptance, budgets) starts from."""
+    from onnxlr.graph import to_graph
+
+    graph = to_graph(model)
+    nodes = {n.name: n for n in graph.nodes}
+    wanted = [t.name for name in names if name in nodes for t in layer_inputs(nodes[name])]
+    return graph, nodes, capture(model, feeds, wanted, provider=provider)
+
+
 def isolate(node: gs.Node, values: dict[str, np.ndarray], opsets: dict[str, int],
             ir_version: int) -> tuple[gs.Graph, dict[str, np.ndarray]]:
     """A one-node graph computing ``node`` on fresh inputs shaped like the captured ones."""
