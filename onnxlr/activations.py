@@ -171,17 +171,19 @@ class HeldOut:
         shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
 
 
-def _holdout_size(calib: Calibration) -> int:
-    """How many samples verification keeps for itself: a fifth, 16..256; none below 10."""
+def _holdout_size(calib: Calibration, fraction: float = 0.2, cap: int = 256) -> int:
+    """How many samples verification keeps for itself: a fifth (a metric search: half, up to
+    512, since a task metric on ~100 samples moves in 1-point steps), none below 10."""
     n = calib.num_samples
     if calib.fixed_batch:
         return calib.fixed_batch if n >= 2 * calib.fixed_batch else 0
-    return 0 if n < 10 else min(max(n // 5, 1), 256)
+    return 0 if n < 10 else min(max(int(n * fraction), 1), cap)
 
 
 def calibrate(model: onnx.ModelProto, config: Any, source: Any, *, holdout: bool,
               max_samples: int | None = None, max_positions: int | None = 256, seed: int = 0,
-              provider: str = "cpu", progress: Callable | None = None) -> HeldOut | None:
+              provider: str = "cpu", progress: Callable | None = None,
+              holdout_fraction: float = 0.2, holdout_cap: int = 256) -> HeldOut | None:
     """Set ``config.calibration`` to the input statistics of the layers it will factorise.
 
     With ``holdout``, the last samples (a fifth, at most 256) are kept out of the
@@ -190,8 +192,9 @@ def calibrate(model: onnx.ModelProto, config: Any, source: Any, *, holdout: bool
     """
     calib = load_calibration(source, model, max_samples=max_samples)
     held = None
-    if holdout and _holdout_size(calib):
-        calib, rest = calib.split(_holdout_size(calib))
+    size = _holdout_size(calib, holdout_fraction, holdout_cap)
+    if holdout and size:
+        calib, rest = calib.split(size)
         arrays = {k: np.concatenate([b[k] for b in rest]) for k in rest.input_names}
         labels = rest.labels()
         if labels is not None:

@@ -76,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not run ONNX Runtime (needs --max-error none)")
     p.add_argument("--cp-max-seconds", type=float, default=60.0,
                    help="time bound for one CP decomposition (default 60)")
+    p.add_argument("--metric", default=None, metavar="NAME|FILE.py:FN|MODULE:FN",
+                   help="judge by what you measure and search every layer's candidates for "
+                        "the fastest model within --max-drop: auto (accuracy with labels, "
+                        "else top-1 agreement for classifiers, per-channel rel. L2 otherwise), "
+                        "accuracy, top1, cosine, rel_l2, channels, or your own function "
+                        "(reference, candidate[, labels]) -> score, higher is better")
+    p.add_argument("--max-drop", type=float, default=None, metavar="X",
+                   help="largest allowed loss of the --metric score (default: the metric's "
+                        "own: 0.01 for accuracy/top1/plug-ins, 0.005 cosine, 0.05 rel_l2/"
+                        "channels); implies --metric auto when --metric is not given")
     p.add_argument("--accept", choices=("error", "latency"), default="error",
                    help="error: keep what meets --max-error (default); latency: also time each "
                         "layer alone and keep it only if faster, and never return a model "
@@ -191,6 +201,7 @@ def cmd_optimize(args) -> int:
         measure_latency=not args.no_verify and not args.no_latency,
         target_flops=args.target_flops, target_speedup=args.target_speedup,
         calib=args.calib, calib_samples=args.calib_samples, progress=_progress,
+        metric=args.metric, max_drop=args.max_drop,
         profile=args.profile)
     print(report.to_text())
     target = out if report.bound_met is not False else _rejected_path(out)
@@ -198,6 +209,10 @@ def cmd_optimize(args) -> int:
     for path in args.report:
         text = getattr(report, _REPORTS[Path(path).suffix.lower()])()
         _write_text(Path(path), text, protect=[args.model, target])
+    if report.bound_met is False and report.search:
+        s = report.search
+        raise BoundExceeded(f"metric {s['metric']} dropped {s['drop']:.4g}, over --max-drop "
+                            f"{s['max_drop']:g}; result written to {target} (not to {out})")
     if report.bound_met is False:
         raise BoundExceeded(f"output error {report.output_error:.4g} exceeds --max-error "
                             f"{args.max_error:g}; result written to {target} (not to {out})")

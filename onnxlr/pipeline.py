@@ -82,6 +82,7 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
              target_flops: float | None = None, target_speedup: float | None = None,
              profile: bool = False,
              calib=None, calib_samples: int | None = None,
+             metric=None, max_drop: float | None = None,
              progress: Callable | None = None) -> tuple[onnx.ModelProto, Report]:
     """Factorise a model's layers and check the result against the original.
 
@@ -122,6 +123,14 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
             ``inputs``, verification runs on held-out calibration samples (the last fifth,
             at most 256; random inputs when fewer than 10), as ``report.verify_inputs`` says.
         calib_samples: use at most this many calibration samples.
+        metric, max_drop: judge by what the user measures (``onnxlr.search``): a built-in
+            name (``auto``, ``accuracy``, ``top1``, ``cosine``, ``rel_l2``, ``channels``),
+            ``file.py:function``, ``module:function`` or a callable ``(reference, candidate
+            [, labels]) -> score``; ``max_drop`` bounds the score's loss (default: the
+            metric's own). Either one switches to the global search: every layer's ladder of
+            candidates measured alone, scored in one gated ONNX Runtime session, allocated
+            greedily and checked end to end; ``max_error`` and the rank rule are then not
+            used, ``target_flops``/``target_speedup`` become the search's objective.
 
     Returns:
         The optimised model and a :class:`Report` of every candidate layer.
@@ -142,6 +151,16 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
     if not min_layer_speedup > 0:
         raise OnnxlrError(f"invalid --min-layer-speedup {min_layer_speedup}: must be > 0")
     budgeted = target_flops is not None or target_speedup is not None
+    searched = metric is not None or max_drop is not None
+    if searched:
+        from onnxlr.search.metrics import check_max_drop
+        check_max_drop(max_drop)
+        if not verify:
+            raise OnnxlrError("--metric/--max-drop are checked with ONNX Runtime: drop --no-verify")
+        if method.strip() in CHANNEL_METHODS:
+            raise OnnxlrError(f"--metric searches factorisations; --method {method.strip()} is "
+                              f"not one of its methods yet (use --rank/--max-error with it)")
+        max_error = None  # the metric is the bound
     if target_flops is not None and target_speedup is not None:
         raise OnnxlrError("give one budget: --target-flops or --target-speedup, not both")
     if profile and not verify:
@@ -168,11 +187,13 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
         from onnxlr.activations import calibrate
         heldout = calibrate(build.prepared, config, calib, holdout=verify and inputs is None,
                             max_samples=calib_samples, seed=seed, provider=provider,
-                            progress=progress)
+                            progress=progress,
+                            **({"holdout_fraction": 0.5, "holdout_cap": 512} if searched else {}))
     keep: dict[str, str] = {}
-    result, records = (None, []) if budgeted else build(keep)
+    result, records = (None, []) if budgeted or searched else build(keep)
     report = Report(source=source, method=method, rank=rank, rank_multiple=rank_multiple,
-                    max_error=max_error, records=records, accept=accept)
+                    max_error=max_error, records=records,
+                    accept="search" if searched else accept)
     if verify:
         from onnxlr.verify import VerificationUnavailable, Verifier  # lazy: imports onnxruntime
         try:
@@ -193,26 +214,37 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
             verifier.description = heldout.description
             heldout.cleanup()
         timer = _timer(build, provider, threads, latency_cache)
-        if budgeted:
+        if searched:
+            from onnxlr.search.run import search
+            timer.seconds_per_pair = 0.3
+            result, records, comparison, report.search, report.latency = search(
+                build, verifier, original, timer, metric=metric, max_drop=max_drop,
+                target_flops=target_flops, target_speedup=target_speedup, progress=progress)
+            report.records, report.comparison = records, comparison
+            if report.latency is None and measure_latency:
+                report.latency = end_to_end(original, result, verifier.feeds,
+                                            provider=provider, threads=threads)
+        elif budgeted:
             result, records = _allocate(build, verifier, keep, report, timer, original,
                                         target_flops=target_flops,
                                         target_speedup=target_speedup, progress=progress)
-        comparison = verifier.compare(result)
-        if max_error is not None and not comparison and on_exceed == "revert":
-            result, records, comparison = _back_off(build, verifier, records, comparison, keep)
-            if report.budget is not None:
-                report.budget["backed_off"] = True
-        if accept == "latency":
-            result, records, comparison = _accept_latency(
-                build, verifier, records, keep, timer, min_layer_speedup=min_layer_speedup,
-                on_exceed=on_exceed)
-        report.records, report.comparison = records, comparison
-        if measure_latency or accept == "latency":
-            report.latency = end_to_end(original, result, verifier.feeds, provider=provider,
-                                        threads=threads)
-            if accept == "latency" and report.latency["speedup"] < 1.0:
-                result, report = _give_back(original, report)
-                report.comparison = verifier.compare(result)
+        if not searched:
+            comparison = verifier.compare(result)
+            if max_error is not None and not comparison and on_exceed == "revert":
+                result, records, comparison = _back_off(build, verifier, records, comparison, keep)
+                if report.budget is not None:
+                    report.budget["backed_off"] = True
+            if accept == "latency":
+                result, records, comparison = _accept_latency(
+                    build, verifier, records, keep, timer, min_layer_speedup=min_layer_speedup,
+                    on_exceed=on_exceed)
+            report.records, report.comparison = records, comparison
+            if measure_latency or accept == "latency":
+                report.latency = end_to_end(original, result, verifier.feeds, provider=provider,
+                                            threads=threads)
+                if accept == "latency" and report.latency["speedup"] < 1.0:
+                    result, report = _give_back(original, report)
+                    report.comparison = verifier.compare(result)
         if report.budget is not None:
             _settle_budget(report)
         if profile:

@@ -79,6 +79,9 @@ class Report:
     profile: dict | None = None
     # budgets (--target-speedup / --target-flops): targets, achieved values, which constraint bound
     budget: dict | None = None
+    # the metric search (--metric / --max-drop): metric, scores before/after, drop and its
+    # bound, inputs it was judged on, the path and its checks (onnxlr.search.run)
+    search: dict | None = None
 
     # totals over candidate layers (MACs of other ops are not counted)
     @property
@@ -106,6 +109,8 @@ class Report:
     @property
     def bound_met(self) -> bool | None:
         """True/False when a bound was checked, None when there was nothing to check."""
+        if self.search is not None:
+            return bool(self.search.get("met_bound"))
         if self.comparison is None or self.max_error is None:
             return None
         return bool(self.comparison)
@@ -160,6 +165,7 @@ class Report:
             "latency": self.latency or None,
             "profile": self.profile or None,
             "budget": self.budget or None,
+            "search": self.search or None,
             "layers": [{**r.to_dict(), "layer_speedup": r.layer_speedup} for r in self.records],
         }
 
@@ -243,7 +249,26 @@ class Report:
             lines.append("not verified with ONNX Runtime")
         if self.accept == "latency":
             lines.append("accept latency: a layer is kept only if measured faster on its own")
+        lines += self._search_lines()
         lines += self._latency_lines() + self._profile_lines() + self._budget_lines()
+        return lines
+
+    def _search_lines(self) -> list[str]:
+        s = self.search
+        if not s:
+            return []
+        lines = [f"metric {s['metric']} ({s['metric_description']}): {s['score_before']:.4f} → "
+                 f"{s['score_after']:.4f}, drop {s['drop']:+.4f} "
+                 f"(allowed {s['max_drop']:g}: {'met' if s.get('met_bound') else 'EXCEEDED'})"]
+        if s.get("synthetic_inputs"):
+            lines.append("WARNING: judged on SYNTHETIC random inputs, not real data: give --calib "
+                         "or --inputs; the result may not hold on real inputs")
+        lines.append(f"search: {s['layers_with_ladders']} layers, {s['rungs']} candidates "
+                     f"measured alone, {s['path_steps']} path steps, {len(s['checks'])} "
+                     f"end-to-end checks, {s['gated_runs']} runs of one gated session; "
+                     f"predicted {fmt_value(s.get('predicted_speedup'))}x")
+        if s.get("target_met") is not None:
+            lines.append(f"target {'met' if s['target_met'] else 'MISSED'}")
         return lines
 
     def _latency_lines(self) -> list[str]:

@@ -89,7 +89,8 @@ class Factorize(Pass):
         self.cache = cache if cache is not None else {}
         self.progress = progress
 
-    def _method(self, name: str) -> Method:
+    def method(self, name: str) -> Method:
+        """A fresh instance of the named method with this config's options."""
         if name == "cp":
             return METHODS[name](max_seconds=self.config.cp_max_seconds)
         return METHODS[name]()
@@ -131,7 +132,7 @@ class Factorize(Pass):
         if why_not:
             record.reason = why_not
             return record
-        method = self._method(method_name)
+        method = self.method(method_name)
         selector = self.config.rank_for(node.name)
         record.method, record.rank_rule = method_name, selector.spec
         t0 = time.perf_counter()
@@ -156,7 +157,7 @@ class Factorize(Pass):
             record.reason = (f"ranks {record.ranks} would not save work: params {params} vs "
                              f"{site.params}, MACs {macs} vs {site.macs}")
             return record
-        factors = self._factors(method, site, record.ranks)
+        factors = self.factors(method, site, record.ranks)
         record.reason = overflow_reason(factors, site.weight.dtype) or ""
         if record.reason:  # e.g. fp16 factors beyond 65504: keep the layer, say why
             return record
@@ -172,7 +173,8 @@ class Factorize(Pass):
                     record.weight_error)
         return record
 
-    def _factors(self, method: Method, site: LayerSite, ranks: tuple[int, ...]) -> Factors:
+    def factors(self, method: Method, site: LayerSite, ranks: tuple[int, ...]) -> Factors:
+        """The factors of ``site`` at ``ranks`` (cached by layer, method, ranks, data use)."""
         stats = self.config.stats_for(site.name, method)
         key = (site.name, method.name, ranks, stats is not None)
         if key not in self.cache:

@@ -1,0 +1,154 @@
+"""``search()``: ladders → gated graph → sensitivity → path → checks → one build.
+
+Called by :func:`onnxlr.pipeline.optimize` when a metric (``--metric`` / ``--max-drop``)
+is given. The model is built once, at the end, from the assignment the checks accepted;
+then it is verified and timed end to end against the original, side by side, and
+returned only if it is measured faster (otherwise the input comes back, and the report
+says so): the search never hands back a slower model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import onnx
+
+from onnxlr import runtime
+from onnxlr.graph import to_graph, to_model
+from onnxlr.methods import METHODS
+from onnxlr.passes.factorize import Factorize
+from onnxlr.records import FACTORISED, REVERTED
+from onnxlr.search.gated import GatedModel
+from onnxlr.search.ladders import build_ladders
+from onnxlr.search.metrics import check_reference, resolve_metric
+from onnxlr.search.planner import Planner, choose, greedy_path
+
+logger = logging.getLogger(__name__)
+
+#: Samples the per-rung sensitivity is scored on (the end-to-end checks use all).
+SENSITIVITY_SAMPLES = 128
+
+
+def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
+           max_drop: float | None = None, target_flops: float | None = None,
+           target_speedup: float | None = None, progress=None,
+           sensitivity_samples: int = SENSITIVITY_SAMPLES):
+    """Returns (model, records, account, latency) for the best assignment found."""
+    t0 = time.perf_counter()
+    reference, labels = verifier.reference, verifier.labels
+    check_reference(reference)
+    metric = resolve_metric(metric, reference, labels)
+    allowed = metric.default_max_drop if max_drop is None else float(max_drop)
+    synthetic = verifier.description.startswith("seeded random")
+    if synthetic:
+        logger.warning("the metric is checked on SYNTHETIC random inputs: give --calib or "
+                       "--inputs with real data, or the result may not hold on real inputs")
+    ladders, empty = build_ladders(build, verifier.feeds, timer,
+                                   multiple=max(8, build.config.rank_multiple), progress=progress)
+    t_ladders = time.perf_counter() - t0
+    factorize = Factorize(build.config, cache=build.cache)
+
+    def factors(method_name, site, ranks):
+        return factorize.factors(factorize.method(method_name), site, tuple(ranks))
+
+    gated = GatedModel(build.prepared, {lad.layer: [r.option for r in lad.rungs]
+                                        for lad in ladders},
+                       factors, factorize.method, provider=verifier.provider)
+    planner = Planner(gated, ladders, metric, allowed, reference=reference,
+                      feeds=verifier.feeds, labels=labels, progress=progress)
+    t1 = time.perf_counter()
+    planner.sensitivities(sensitivity_samples)
+    t_sens = time.perf_counter() - t1
+    steps = greedy_path(ladders, allowed)
+    base_session = runtime.make_session(build.prepared, provider=verifier.provider,
+                                        threads=timer.threads)
+    model_ms = runtime.interleaved_latency([base_session], verifier.feeds, warmup=2,
+                                           iterations=10, max_seconds=3.0).stats[0].median_ms
+    macs_total = sum(lad.macs_before for lad in ladders)
+    chosen = choose(planner, steps, model_ms=model_ms, macs_total=macs_total,
+                    target_speedup=target_speedup, target_flops=target_flops)
+    model, records = _build(build, ladders, empty, chosen.assignment, allowed)
+    outputs = runtime.run(_session(model, verifier.provider), verifier.feeds)
+    comparison = runtime.compare_outputs(reference, outputs)
+    score_after = metric.score(reference, outputs, labels)
+    baseline = planner.baseline
+    latency = None
+    from onnxlr.accept import end_to_end
+    if chosen.assignment:
+        latency = end_to_end(original, model, verifier.feeds, provider=verifier.provider,
+                             threads=timer.threads)
+    account = {
+        "metric": metric.name, "metric_description": metric.description,
+        "max_drop": allowed, "score_before": baseline, "score_after": score_after,
+        "drop": baseline - score_after, "inputs": verifier.description,
+        "synthetic_inputs": synthetic, "layers_with_ladders": len(ladders),
+        "rungs": sum(len(lad.rungs) for lad in ladders), "gated_runs": gated.runs,
+        "model_ms_before": model_ms, "target_speedup": target_speedup,
+        "target_flops": target_flops, **chosen.account,
+        "seconds": {"ladders": t_ladders, "sensitivity": t_sens,
+                    "total": time.perf_counter() - t0},
+    }
+    account["met_bound"] = account["drop"] <= allowed + 1e-12
+    if latency is not None and latency["speedup"] < 1.0:
+        model, records, latency = _give_back(original, records, latency)
+        account["returned"] = "input"
+        account["score_after"], account["drop"] = baseline, 0.0
+        comparison = runtime.compare_outputs(reference, reference)
+    if target_speedup is not None:
+        account["target_met"] = bool(latency and latency["speedup"] >= target_speedup)
+    elif target_flops is not None:
+        got = sum(r.macs_after for r in records if r.kind) / max(
+            sum(r.macs_before for r in records if r.kind), 1)
+        account["target_met"] = got <= target_flops + 1e-9
+    return model, records, comparison, account, latency
+
+
+def _session(model, provider):
+    from onnxlr.verify import session
+    return session(model, provider)
+
+
+def _build(build, ladders, empty, assignment, allowed):
+    """The model with the chosen rungs, every other selected layer kept (with why)."""
+    by = {lad.layer: lad for lad in ladders}
+    forced = {k: by[k].rungs[j].option.ranks for k, j in assignment.items()}
+    keep = {name: f"search: {why}" for name, why in empty.items()}
+    for lad in ladders:
+        if lad.layer not in assignment:
+            best = min(lad.rungs, key=lambda r: max(r.drop or 0.0, 0.0))
+            keep[lad.layer] = (f"search: not needed or not affordable: its best rung alone "
+                               f"drops the metric by {best.drop:.4g} (allowed {allowed:g} for "
+                               f"the whole model) for {best.speedup:.2f}x on the layer")
+    config = dataclasses.replace(build.config, forced_ranks=forced, rank_scale={})
+    graph = to_graph(build.prepared)
+    result = Factorize(config, keep, build.cache)(graph)
+    records = result.records
+    for rec in records:
+        lad = by.get(rec.name)
+        if lad is None:
+            continue
+        j = assignment.get(rec.name, -1)
+        rec.candidates = [r.to_dict(i == j) for i, r in enumerate(lad.rungs)]
+        rec.extra["ladder_dropped"] = lad.dropped
+        if j >= 0 and rec.status == FACTORISED:
+            rung = lad.rungs[j]
+            rec.latency_before_ms, rec.latency_after_ms = rung.ms_before, rung.ms_after
+            rec.rank_rule = "searched"
+            rec.output_error = rung.distortion
+            rec.extra.update(local_error=rung.local_error, metric_drop_alone=rung.drop)
+    return to_model(graph, build.prepared), records
+
+
+def _give_back(original, records, latency):
+    """Measured slower end to end: the input comes back unchanged, every change reverted."""
+    import copy
+    why = (f"the whole model measured {latency['speedup']:.2f}x ({latency['before_ms']:.3g} → "
+           f"{latency['after_ms']:.3g} ms): the input is returned unchanged")
+    for rec in records:
+        if rec.status == FACTORISED:
+            rec.status, rec.reason = REVERTED, why
+            rec.params_after, rec.macs_after = rec.params_before, rec.macs_before
+    latency = {**latency, "returned": "input", "after_ms": latency["before_ms"], "speedup": 1.0,
+               "rejected_speedup": latency["speedup"]}
+    return copy.deepcopy(original), records, latency

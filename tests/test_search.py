@@ -1,0 +1,223 @@
+"""The metric search: metrics against numpy references, the gated graph against models built
+one assignment at a time, the greedy path, and optimize(metric=...) end to end on the
+bundled trained CNN with its shipped calibration set."""
+import dataclasses
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import ort_run, tiny_cnn
+from onnxlr.errors import OnnxlrError
+from onnxlr.graph import to_graph, to_model
+from onnxlr.methods import parse_method
+from onnxlr.passes.factorize import Factorize, FactorizeConfig
+from onnxlr.pipeline import optimize, prepare
+from onnxlr.rank import parse_rank
+from onnxlr.records import FACTORISED
+from onnxlr.search.gated import GATES, GatedModel, Option
+from onnxlr.search.ladders import Ladder, Rung
+from onnxlr.search.metrics import BUILTINS, check_reference, resolve_metric
+from onnxlr.search.planner import greedy_path, subset
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "digits_cnn.onnx"
+CALIB = ROOT / "examples" / "digits_calib.npz"
+
+
+# --- metrics -----------------------------------------------------------------------------
+
+def test_builtin_metrics_match_numpy(rng):
+    ref = {"y": rng.standard_normal((50, 7)).astype(np.float32)}
+    cand = {"y": (ref["y"] + 0.3 * rng.standard_normal((50, 7))).astype(np.float32)}
+    labels = rng.integers(0, 7, 50)
+    a, b = ref["y"].astype(np.float64), cand["y"].astype(np.float64)
+    assert BUILTINS["top1"].score(ref, cand) == pytest.approx(np.mean(a.argmax(1) == b.argmax(1)))
+    assert BUILTINS["accuracy"].score(ref, cand, labels) == pytest.approx(
+        np.mean(b.argmax(1) == labels))
+    cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert BUILTINS["cosine"].score(ref, cand) == pytest.approx(cos.mean())
+    assert BUILTINS["rel_l2"].score(ref, cand) == pytest.approx(
+        1 - np.linalg.norm(a - b) / np.linalg.norm(a))
+    for name in ("top1", "cosine", "rel_l2", "channels"):
+        assert BUILTINS[name].drop(ref, ref) == pytest.approx(0.0)
+
+
+def test_channels_metric_sees_a_broken_small_channel(rng):
+    """A detector's output [N, 4 + classes, anchors]: boxes in the hundreds, scores in [0, 1].
+    Wrecking the scores barely moves the whole output's rel. L2; per channel it is caught."""
+    boxes = rng.uniform(100, 600, (2, 4, 300))
+    scores = rng.uniform(0, 1, (2, 3, 300))
+    ref = {"out": np.concatenate([boxes, scores], 1).astype(np.float32)}
+    broken = np.concatenate([boxes, rng.uniform(0, 1, (2, 3, 300))], 1).astype(np.float32)
+    cand = {"out": broken}
+    assert BUILTINS["rel_l2"].drop(ref, cand) < 0.01
+    worst = max(np.linalg.norm(scores[:, c] - broken[:, 4 + c]) / np.linalg.norm(scores[:, c])
+                for c in range(3))
+    assert BUILTINS["channels"].drop(ref, cand) == pytest.approx(worst, rel=1e-5)
+    assert BUILTINS["channels"].drop(ref, cand) > 0.5
+
+
+def test_auto_metric_fits_the_outputs(rng):
+    cls = {"logits": rng.standard_normal((4, 10)).astype(np.float32)}
+    det = {"boxes": rng.standard_normal((1, 8, 100)).astype(np.float32)}
+    assert resolve_metric("auto", cls, np.zeros(4, int)).name == "accuracy"
+    assert resolve_metric(None, cls, None).name == "top1"
+    assert resolve_metric("auto", det, None).name == "channels"
+
+
+def test_nan_and_empty_outputs_are_refused():
+    with pytest.raises(OnnxlrError, match="no finite value"):
+        check_reference({"y": np.full((3, 2), np.nan, np.float32)})
+    with pytest.raises(OnnxlrError, match="empty"):
+        check_reference({"y": np.zeros((0, 2), np.float32)})
+    ref = {"y": np.ones((3, 2), np.float32)}
+    assert BUILTINS["rel_l2"].drop(ref, {"y": np.full((3, 2), np.nan, np.float32)}) >= 1e6
+
+
+def test_plugin_metrics_from_a_file_and_a_callable(tmp_path, rng):
+    f = tmp_path / "m.py"
+    f.write_text("import numpy as np\n"
+                 "def agree(ref, cand):\n    return float(np.mean(ref['y'] == cand['y']))\n"
+                 "def with_labels(ref, cand, labels):\n    return float(labels.sum())\n"
+                 "def boom(ref, cand):\n    raise ValueError('bad')\n"
+                 "def nan(ref, cand):\n    return float('nan')\n"
+                 "def text(ref, cand):\n    return 'high'\n")
+    ref = {"y": np.arange(4.0)}
+    metric = resolve_metric(f"{f}:agree", ref, None)
+    assert metric.drop(ref, {"y": np.array([0.0, 1, 5, 6])}) == pytest.approx(0.5)
+    assert resolve_metric(f"{f}:with_labels", ref, np.array([1, 2])).score(ref, ref, np.array([1, 2])) == 3
+    for fn, msg in (("boom", "raised ValueError: bad"), ("nan", "must be finite"),
+                    ("text", "not a number")):
+        with pytest.raises(OnnxlrError, match=msg):
+            resolve_metric(f"{f}:{fn}", ref, None).score(ref, ref)
+    with pytest.raises(OnnxlrError, match="does not exist"):
+        resolve_metric(str(tmp_path / "missing.py") + ":f", ref, None)
+    with pytest.raises(OnnxlrError, match="has no function"):
+        resolve_metric(f"{f}:nothing", ref, None)
+    with pytest.raises(OnnxlrError, match="needs labels"):
+        resolve_metric("accuracy", {"y": np.zeros((2, 3), np.float32)}, None)
+    assert resolve_metric(lambda r, c: 0.25, ref, None).score(ref, ref) == 0.25
+
+
+# --- the gated graph ---------------------------------------------------------------------
+
+def _config(model):
+    return FactorizeConfig(methods=parse_method("auto"), rank=parse_rank("vbmf"))
+
+
+def _built(prepared, config, forced, cache):
+    graph = to_graph(prepared)
+    keep = {}
+    for node in graph.nodes:
+        if node.op in ("Conv", "Gemm", "MatMul") and node.name not in forced:
+            keep[node.name] = "not in this assignment"
+    recs = Factorize(dataclasses.replace(config, forced_ranks=forced), keep, cache)(graph).records
+    assert {r.name for r in recs if r.status == FACTORISED} == set(forced)
+    return to_model(graph, prepared)
+
+
+def test_gated_graph_computes_exactly_the_built_assignment(rng):
+    prepared = prepare(tiny_cnn())
+    config = _config(prepared)
+    cache: dict = {}
+    factorize = Factorize(config, cache=cache)
+    options = {"conv2": [Option("tucker", (8, 8)), Option("tucker", (16, 8))],
+               "conv3": [Option("svd", (8,))],
+               "fc1": [Option("svd", (4,)), Option("svd", (8,))]}
+    gated = GatedModel(prepared, options,
+                       lambda m, site, ranks: factorize.factors(factorize.method(m), site, ranks),
+                       factorize.method)
+    assert GATES in {i.name for i in gated.model.graph.input}
+    onnx.checker.check_model(gated.model)
+    x = {"input": rng.standard_normal((5, 3, 8, 8)).astype(np.float32)}
+    original = ort_run(prepared, x)
+    np.testing.assert_allclose(gated.run({}, x)["logits"], original[0], rtol=1e-5, atol=1e-6)
+    choices = [[-1] + list(range(len(v))) for v in options.values()]
+    for combo in itertools.product(*choices):
+        assignment = {k: j for k, j in zip(options, combo) if j >= 0}
+        forced = {k: options[k][j].ranks for k, j in assignment.items()}
+        expected = ort_run(_built(prepared, config, forced, cache), x)
+        got = gated.run(assignment, x)
+        np.testing.assert_allclose(got["logits"], expected[0], rtol=1e-4, atol=1e-5)
+    assert gated.runs == 1 + np.prod([len(c) for c in choices])
+
+
+# --- the path ----------------------------------------------------------------------------
+
+def _rung(speedup, drop, err=0.0):
+    return Rung(Option("svd", (1,)), 10, 0.1, 0.1, 1.0, 1.0 / speedup, drop=drop, distortion=err)
+
+
+def test_greedy_path_takes_cheap_damage_per_ms_first():
+    ladders = [
+        Ladder("a", "svd", 100, 100, 1.0, [_rung(2, 0.0), _rung(4, 0.5)]),
+        Ladder("b", "svd", 100, 100, 1.0, [_rung(2, 0.01), _rung(3, 0.02)]),
+    ]
+    steps = greedy_path(ladders, max_drop=0.01)
+    first = steps[0]
+    assert (first.layer, first.rung) == ("a", 0)  # free saving first
+    assert [s.layer for s in steps][-1] == "a"  # the most damaging rung last
+    saved = [s.saved_ms for s in steps]
+    assert saved == sorted(saved)  # every step saves more
+    assert steps[-1].as_dict() == {"a": 1, "b": 1}
+
+
+def test_subset_cuts_inputs_and_labels_together():
+    feeds = {"x": np.zeros((10, 3)), "m": np.ones((10, 2))}
+    cut, labels = subset(feeds, np.arange(10), 4)
+    assert cut["x"].shape[0] == cut["m"].shape[0] == 4 and list(labels) == [0, 1, 2, 3]
+    same, _ = subset({"x": np.zeros((3, 3))}, None, 4)
+    assert same["x"].shape[0] == 3
+
+
+# --- end to end --------------------------------------------------------------------------
+
+def test_optimize_with_a_metric_keeps_it_and_is_never_slower(tmp_path):
+    model, report = optimize(str(EXAMPLE), calib=str(CALIB), metric="accuracy", max_drop=0.01,
+                             latency_cache=str(tmp_path / "lat.json"))
+    s = report.search
+    assert s["metric"] == "accuracy" and not s["synthetic_inputs"]
+    assert s["drop"] <= 0.01 + 1e-12 and report.bound_met
+    assert "held-out calibration samples" in s["inputs"]
+    assert len(s["checks"]) <= 2 * np.log2(max(s["path_steps"], 2)) + 2 + 12
+    assert report.latency is not None
+    assert report.latency["speedup"] >= 1.0 or report.latency.get("returned") == "input"
+    chosen = [r for r in report.records if r.status == FACTORISED]
+    for rec in chosen:
+        assert sum(c["chosen"] for c in rec.candidates) == 1
+        assert rec.layer_speedup and rec.layer_speedup > 1.0  # measured faster alone
+    # the accuracy on the held-out test split (never seen by the search) moved little
+    with np.load(ROOT / "examples" / "digits_test.npz") as test:
+        before = ort_run(onnx.load(str(EXAMPLE)), {"input": test["input"]})[0]
+        after = ort_run(model, {"input": test["input"]})[0]
+        acc = [float(np.mean(o.argmax(1) == test["label"])) for o in (before, after)]
+    assert acc[1] >= acc[0] - 0.03
+    assert report.to_dict()["search"]["metric"] == "accuracy"
+    assert "metric accuracy" in report.to_text()
+
+
+def test_synthetic_inputs_are_said_loudly(tmp_path):
+    _, report = optimize(tiny_cnn(), metric="rel_l2", max_drop=0.05, batch=4,
+                         latency_cache=str(tmp_path / "lat.json"))
+    assert report.search["synthetic_inputs"]
+    assert "SYNTHETIC" in report.to_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--metric", "nowhere.py:f"], "metric file nowhere.py does not exist"),
+    (["--max-drop", "-1"], "invalid --max-drop"),
+    (["--metric", "accuracy", "--batch", "2"], "needs labels"),
+])
+def test_cli_bad_metric_is_one_line_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "out.onnx"
+    proc = subprocess.run([sys.executable, "-m", "onnxlr", "optimize", str(EXAMPLE), "-o", str(out),
+                           "--latency-cache", "none", *args], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 1
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
