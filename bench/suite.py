@@ -63,7 +63,14 @@ SETTINGS = [
     ("latency-aware", {"method": "auto", "rank": "vbmf", "rank_multiple": 8,
                        "accept": "latency"}, None),
     ("data-aware", {"method": "auto", "rank": "vbmf", "calib": "CALIB"}, None),
+    # the metric search: calibration statistics, the task's own agreement as a plug-in
+    # metric (TASK), one point of it allowed to drop (NudeNet: box F1 >= 0.9, the goal)
+    # (inputs None: the search holds half the calibration set out to judge on)
+    ("search", {"method": "auto", "calib": "CALIB", "metric": "TASK", "max_drop": "DROP",
+                "inputs": None}, None),
 ]
+#: --max-drop of the "search" setting, per model (default 0.01: one point)
+SEARCH_DROP = {"nudenet": 0.1}
 QUICK = {"default", "auto 0.25", "latency-aware"}
 
 
@@ -90,11 +97,14 @@ def _load() -> str:
         return "?"
 
 
-def settings_for(model: str, quick: bool, params: set[str]) -> list[tuple[str, dict]]:
+def settings_for(model: str, quick: bool, params: set[str],
+                 only: set[str] | None = None) -> list[tuple[str, dict]]:
     """The settings that apply to ``model`` and that this onnxlr's ``optimize`` accepts."""
     out = []
     for label, kwargs, models in SETTINGS:
         if (models is not None and model not in models) or (quick and label not in QUICK):
+            continue
+        if only and label not in only:
             continue
         if set(kwargs) - params:
             logger.info("skipping %r: optimize() has no %s", label, sorted(set(kwargs) - params))
@@ -134,14 +144,19 @@ def one_setting(task, label: str, kwargs: dict, ctx: dict, args) -> dict:
     """Optimise with one setting and measure the result against the original."""
     from onnxlr import runtime
     from onnxlr.pipeline import DEFAULT_MAX_ERROR, optimize
-    kw = {k: (ctx["calib_npz"] if v == "CALIB" else v) for k, v in kwargs.items()}
+    special = {"CALIB": ctx["calib_npz"], "TASK": _task_metric(task),
+               "DROP": SEARCH_DROP.get(task.name, 0.01)}
+    kw = {k: special.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
     extra = {"inputs": ctx["calib_npz"], "cp_max_seconds": args.cp_max_seconds,
+             "timing_batch": _batch(task.timing),
              "measure_latency": False, "latency_cache": None, "threads": args.threads,
              "input_shapes": task.input_shapes}
     kw.update({k: v for k, v in extra.items() if k in ctx["params"] and k not in kw})
     row = {"setting": label, "method": kw.get("method", "auto"), "rank": str(kw.get("rank")),
            "rank_multiple": kw.get("rank_multiple", 1), "bound": kw.get("max_error", DEFAULT_MAX_ERROR),
            "accept": kw.get("accept", "error"), "calib": "calib" in kw}
+    if "metric" in kw:  # the search: its bound is the allowed drop of the task's agreement
+        row["bound"] = kw.get("max_drop")
     t0 = time.perf_counter()
     try:
         model, report = optimize(str(task.model_path), **kw)
@@ -157,6 +172,15 @@ def one_setting(task, label: str, kwargs: dict, ctx: dict, args) -> dict:
                                       iterations=ctx["rounds"], max_seconds=args.max_seconds)
     base, cand = lat.stats
     speedup = lat.speedups[1]
+    alt = _other_batch(task)
+    if alt is not None:  # the same two models at a second batch size (1, or 8 when timed at 1)
+        try:
+            other = runtime.interleaved_latency([ctx["base"], session], alt, warmup=args.warmup,
+                                                iterations=ctx["rounds"],
+                                                max_seconds=args.max_seconds)
+            row["speedup_other_batch"] = {"batch": _batch(alt), "speedup": other.speedups[1]}
+        except Exception as exc:  # e.g. a model with a fixed batch dim
+            logger.info("%s: no second batch size (%s)", task.name, str(exc).splitlines()[0])
     row.update({
         "layers": s["layers_factorised"],
         "candidates": sum(1 for r in report.records if r.kind),
@@ -175,6 +199,32 @@ def one_setting(task, label: str, kwargs: dict, ctx: dict, args) -> dict:
         "ranks": {r.name: list(r.ranks) for r in report.records if r.factorised and r.ranks},
     })
     return row
+
+
+def _batch(feeds: dict) -> int | None:
+    sizes = {v.shape[0] for v in feeds.values() if getattr(v, "ndim", 0) >= 1}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _other_batch(task) -> dict | None:
+    """Feeds at batch 1 when the task is timed at a larger batch, else at batch 8."""
+    batch = _batch(task.timing)
+    if batch is None:
+        return None
+    if batch > 1:
+        return {k: v[:1] for k, v in task.timing.items()}
+    pool = task.evaluate[0]
+    if (_batch(pool) or 0) < 8:
+        return None
+    return {k: v[:8] for k, v in pool.items()}
+
+
+def _task_metric(task):
+    """The task's agreement with the original, as an ``optimize(metric=...)`` plug-in."""
+    def agreement(reference: dict, candidate: dict) -> float:
+        return float(task.agree([reference], [candidate]))
+    agreement.__name__ = f"{task.name}: {task.agreement}"
+    return agreement
 
 
 def timing_rounds(session, feeds: dict, args) -> int:
@@ -208,15 +258,22 @@ def run_model(name: str, args, params: set[str]) -> dict:
             "baseline": {"metric": task.score(reference) if task.score else None},
             "rows": [],
         }
-        chosen = settings_for(name, args.quick, params)
-        order = {label: i for i, (label, _) in enumerate(chosen)}
+        chosen = settings_for(name, args.quick, params,
+                              set(args.settings.split(",")) if args.settings else None)
+        order = {label: i for i, (label, _, _) in enumerate(SETTINGS)}
+        previous = args.results / f"{name}.json"
+        if args.settings and previous.exists():  # a partial rerun keeps the other rows
+            ran = {label for label, _ in chosen}
+            result["rows"] = [r for r in json.loads(previous.read_text()).get("rows", [])
+                              if r.get("setting") not in ran and r.get("setting") in order]
         result["not_run"] = [label for label, _ in chosen]
         # unbounded settings are quick; bounded ones back off layer by layer (minutes on a big
         # model): run the quick ones first, and save after every setting, so that a run
         # stopped early still leaves what it measured
         for label, kwargs in sorted(chosen, key=lambda c: "max_error" not in c[1]):
             row = one_setting(task, label, kwargs, ctx, args)
-            result["rows"] = sorted(result["rows"] + [row], key=lambda r: order[r["setting"]])
+            result["rows"] = sorted(result["rows"] + [row],
+                                    key=lambda r: order.get(r["setting"], len(order)))
             result["not_run"].remove(label)
             logger.info("%s / %-18s MACs %s  speed-up %s  metric %s  agreement %s  (%.0f s)",
                         name, label, _fmt(row.get("macs_ratio")), _fmt(row.get("speedup")),
@@ -251,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma list (default: all of {','.join(MODELS)})")
     parser.add_argument("--quick", action="store_true", help="fewer inputs and settings")
+    parser.add_argument("--settings", default=None,
+                        help="comma list of setting labels to run (default: all); the other "
+                             "rows already in the model's JSON are kept")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results",
                         help="folder of per-model JSON and other scripts' Markdown fragments")

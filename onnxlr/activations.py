@@ -94,6 +94,29 @@ def site_rows(site: LayerSite, x: np.ndarray, *, max_positions: int | None,
     return x.reshape(-1, x.shape[-1])
 
 
+#: Largest statistic onnxlr accumulates for one layer: a (d × d) float64 second moment with
+#: d = S·k₁·…·k_d (conv patches) or the row width (Gemm/MatMul). 8192² float64 is 512 MiB;
+#: a 1024-channel conv with 64-tap kernels (d = 65,536) would need 32 GiB (PITFALLS 11).
+#: Larger layers are factorised from their weights alone, with that reason recorded.
+MAX_STAT_DIM = 8192
+
+
+def stat_dim(site: LayerSite) -> int:
+    """Width of the rows a site's weight multiplies: the size of its second moment's side."""
+    if site.kind in ("conv", "conv1x1"):
+        return int(math.prod(site.weight.shape[1:]))
+    return int(site.matrix.shape[0])
+
+
+def too_big_for_stats(site: LayerSite) -> str | None:
+    d = stat_dim(site)
+    if d <= MAX_STAT_DIM:
+        return None
+    return (f"calibration statistics skipped: {d} values per input row would need a "
+            f"{d}×{d} float64 second moment ({d * d * 8 / 2**30:.1f} GiB, over the "
+            f"{MAX_STAT_DIM}×{MAX_STAT_DIM} bound); factorised from the weights alone")
+
+
 class _SiteReducer:
     """A capture reducer: input tensor → patch/row Gram of every site reading it."""
 
@@ -126,7 +149,8 @@ class _SiteReducer:
 def collect_layer_stats(model: onnx.ModelProto, calibration: Any, *,
                         select: Callable[[LayerSite], bool] | None = None,
                         max_positions: int | None = 256, seed: int = 0, provider: str = "cpu",
-                        progress: Callable | None = None) -> dict[str, LayerStats]:
+                        progress: Callable | None = None,
+                        skipped: dict[str, str] | None = None) -> dict[str, LayerStats]:
     """Input statistics of every candidate layer (``select`` filters sites), by node name.
 
     Args:
@@ -136,6 +160,7 @@ def collect_layer_stats(model: onnx.ModelProto, calibration: Any, *,
         select: keep only sites for which it returns True.
         max_positions: conv output positions sampled per sample (None: all).
         seed, provider, progress: passed to :func:`onnxlr.calib.capture`.
+        skipped: filled with {layer: reason} for layers too big for statistics.
     """
     from onnxlr.graph import to_graph
 
@@ -146,6 +171,12 @@ def collect_layer_stats(model: onnx.ModelProto, calibration: Any, *,
             continue
         site = find_site(node)
         if isinstance(site, str) or (select is not None and not select(site)):
+            continue
+        why = too_big_for_stats(site)
+        if why:  # sized before anything is allocated: no MemoryError, ever
+            logger.warning("%s: %s", site.name, why)
+            if skipped is not None:
+                skipped[site.name] = why
             continue
         by_tensor.setdefault(node.inputs[0].name, []).append(site)
     if not by_tensor:
@@ -215,5 +246,6 @@ def calibrate(model: onnx.ModelProto, config: Any, source: Any, *, holdout: bool
     config.calibration = collect_layer_stats(model, calib, select=wanted,
                                              max_positions=max_positions, seed=seed,
                                              provider=provider,
-                                             progress=step if progress else None)
+                                             progress=step if progress else None,
+                                             skipped=config.calibration_notes)
     return held

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest allowed loss of the --metric score (default: the metric's "
                         "own: 0.01 for accuracy/top1/plug-ins, 0.005 cosine, 0.05 rel_l2/"
                         "channels); implies --metric auto when --metric is not given")
+    p.add_argument("--timing-batch", type=int, default=None, metavar="N",
+                   help="with --metric: time layers and the whole model on the first N "
+                        "verification samples (default: all of them, at most 64)")
     p.add_argument("--accept", choices=("error", "latency"), default="error",
                    help="error: keep what meets --max-error (default); latency: also time each "
                         "layer alone and keep it only if faster, and never return a model "
@@ -201,7 +204,7 @@ def cmd_optimize(args) -> int:
         measure_latency=not args.no_verify and not args.no_latency,
         target_flops=args.target_flops, target_speedup=args.target_speedup,
         calib=args.calib, calib_samples=args.calib_samples, progress=_progress,
-        metric=args.metric, max_drop=args.max_drop,
+        metric=args.metric, max_drop=args.max_drop, timing_batch=args.timing_batch,
         profile=args.profile)
     print(report.to_text())
     target = out if report.bound_met is not False else _rejected_path(out)

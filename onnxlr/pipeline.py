@@ -38,10 +38,39 @@ DEFAULT_MAX_ERROR = 0.05
 
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Constant weights → initializers, BatchNorm folded into Convs; nothing factorised."""
+    """Constant weights → initializers, BatchNorm folded into Convs, every node named
+    uniquely; nothing factorised."""
     graph = to_graph(model)
+    name_nodes(graph)
     PassManager([ConstantsToInitializers(), FoldBatchNorm()], max_steps=2)(graph)
     return to_model(graph, model)
+
+
+def name_nodes(graph) -> int:
+    """Give every unnamed node a name (``<op>_<index>``) and every repeated name a suffix.
+
+    Node names are optional in ONNX and need not be unique, but every piece of per-layer
+    state (the factor cache, records, ``--include``/``--layer-rank``, ladders, reports) is
+    keyed by the layer's name: two layers sharing one name would share factors. Naming
+    them here, once, before anything is keyed, makes a layer's identity unique. Returns
+    how many nodes were (re)named.
+    """
+    used = {n.name for n in graph.nodes if n.name}
+    seen: set[str] = set()
+    renamed = 0
+    for i, node in enumerate(graph.nodes):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = node.name or f"{node.op}_{i}"
+        name, k = base, 1
+        while name in used or name in seen:
+            name, k = f"{base}_{k}", k + 1
+        node.name = name
+        seen.add(name)
+        used.add(name)
+        renamed += 1
+    return renamed
 
 
 def parse_layer_ranks(specs: list[str]) -> list[tuple[str, object]]:
@@ -82,7 +111,7 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
              target_flops: float | None = None, target_speedup: float | None = None,
              profile: bool = False,
              calib=None, calib_samples: int | None = None,
-             metric=None, max_drop: float | None = None,
+             metric=None, max_drop: float | None = None, timing_batch: int | None = None,
              progress: Callable | None = None) -> tuple[onnx.ModelProto, Report]:
     """Factorise a model's layers and check the result against the original.
 
@@ -131,6 +160,8 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
             candidates measured alone, scored in one gated ONNX Runtime session, allocated
             greedily and checked end to end; ``max_error`` and the rank rule are then not
             used, ``target_flops``/``target_speedup`` become the search's objective.
+        timing_batch: the batch layers and the whole model are timed at in the search
+            (default: the verification inputs' batch, at most 64).
 
     Returns:
         The optimised model and a :class:`Report` of every candidate layer.
@@ -152,6 +183,8 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
         raise OnnxlrError(f"invalid --min-layer-speedup {min_layer_speedup}: must be > 0")
     budgeted = target_flops is not None or target_speedup is not None
     searched = metric is not None or max_drop is not None
+    if timing_batch is not None and not (isinstance(timing_batch, int) and timing_batch >= 1):
+        raise OnnxlrError(f"invalid --timing-batch {timing_batch}: must be an integer >= 1")
     if searched:
         from onnxlr.search.metrics import check_max_drop
         check_max_drop(max_drop)
@@ -219,7 +252,8 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
             timer.seconds_per_pair = 0.3
             result, records, comparison, report.search, report.latency = search(
                 build, verifier, original, timer, metric=metric, max_drop=max_drop,
-                target_flops=target_flops, target_speedup=target_speedup, progress=progress)
+                target_flops=target_flops, target_speedup=target_speedup, progress=progress,
+                timing_batch=timing_batch)
             report.records, report.comparison = records, comparison
             if report.latency is None and measure_latency:
                 report.latency = end_to_end(original, result, verifier.feeds,

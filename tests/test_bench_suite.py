@@ -201,10 +201,13 @@ def test_fetch_wheel_reports_pip_failure(tmp_path, monkeypatch):
 
 def test_digits_task_splits_and_scores(tmp_path):
     task = digits_cnn.prepare(tmp_path)
-    assert task.calib["input"].shape[0] == digits_cnn.CALIB
+    calib = np.load(digits_cnn.ROOT / "digits_calib.npz")["input"]
+    np.testing.assert_array_equal(task.calib["input"], calib)  # training images, not test
+    test = np.load(digits_cnn.ROOT / "digits_test.npz")["input"]
+    assert not any(np.array_equal(c, t) for c in calib[:32] for t in test)
     n = task.evaluate[0]["input"].shape[0]
-    assert n + digits_cnn.CALIB == 450
-    labels = np.load(digits_cnn.ROOT / "digits_test.npz")["label"][digits_cnn.CALIB:]
+    assert n + digits_cnn.OLD_CALIB == 450
+    labels = np.load(digits_cnn.ROOT / "digits_test.npz")["label"][digits_cnn.OLD_CALIB:]
     perfect = np.eye(10, dtype=np.float32)[labels]
     assert task.score([{"logits": perfect}]) == 1.0
     shifted = np.eye(10, dtype=np.float32)[(labels + 1) % 10]

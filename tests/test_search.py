@@ -221,3 +221,79 @@ def test_cli_bad_metric_is_one_line_and_writes_nothing(tmp_path, args, message):
     assert proc.returncode == 1
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+# --- layer identity (issue 13, item 0) ---------------------------------------------------
+
+def _conv_stack(rng, channels, names, tucker_rank=None):
+    """Convs in a chain; with ``tucker_rank`` each weight is exactly Tucker-2 of that
+    fraction of its channel ranks (so rank ``tucker_rank`` reproduces it)."""
+    from conftest import init, make_model, vinfo
+    from onnx import helper
+    nodes, inits, prev = [], [], "x"
+    for i, (cin, cout) in enumerate(zip(channels, channels[1:])):
+        w = rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(cin * 9)
+        if tucker_rank:
+            ro, ri = int(cout * tucker_rank), int(cin * tucker_rank)
+            u_out = np.linalg.qr(rng.standard_normal((cout, ro)))[0]
+            u_in = np.linalg.qr(rng.standard_normal((cin, ri)))[0]
+            core = rng.standard_normal((ro, ri, 3, 3)) / np.sqrt(ri * 9)
+            w = np.einsum("oikl,to,si->tskl", core, u_out, u_in)
+        w = w.astype(np.float32)
+        inits.append(init(f"w{i}", w))
+        nodes.append(helper.make_node("Conv", [prev, f"w{i}"], [f"y{i}"], name=names[i],
+                                      pads=[1, 1, 1, 1]))
+        prev = f"y{i}"
+    return make_model(nodes, [vinfo("x", [1, channels[0], 6, 6])],
+                      [vinfo(prev, [1, channels[-1], 6, 6])], inits)
+
+
+@pytest.mark.parametrize("names", [["", "", ""], ["conv", "conv", "conv"]])
+def test_unnamed_and_duplicate_named_layers_get_their_own_factors(rng, names):
+    model = _conv_stack(rng, [64, 64, 64, 64], names, tucker_rank=0.5)
+    out, report = optimize(model, "tucker", "0.5", max_error=None, verify=False)
+    recs = [r for r in report.records if r.status == FACTORISED]
+    assert len(recs) == 3 and len({r.name for r in recs}) == 3
+    cores = [onnx.numpy_helper.to_array(t) for t in out.graph.initializer if "core" in t.name]
+    assert len(cores) == 3
+    assert not np.allclose(cores[0], cores[1]) and not np.allclose(cores[1], cores[2])
+    # each weight is exactly Tucker-2 at rank (32, 32): with its own factors the chain
+    # reproduces the model; with another layer's factors it would not
+    x = {"x": rng.standard_normal((1, 64, 6, 6)).astype(np.float32)}
+    for i, node in enumerate(model.graph.node):  # ORT refuses duplicate names: the reference
+        node.name = f"ref{i}"                    # runs a uniquely named copy
+    a, b = ort_run(model, x)[0], ort_run(out, x)[0]
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-4
+
+
+def test_unnamed_layers_of_different_shapes_do_not_crash(rng):
+    model = _conv_stack(rng, [3, 64, 128, 128, 256], ["", "", "", ""])
+    out, report = optimize(model, "tucker", "0.5", max_error=None, verify=False)
+    assert len({r.name for r in report.records}) == 4
+    onnx.checker.check_model(out)
+    x = {"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)}
+    assert ort_run(out, x)[0].shape == (1, 256, 6, 6)
+
+
+def test_a_layer_too_big_for_statistics_is_factorised_from_its_weights(rng, tmp_path):
+    """S·k over the bound (PITFALLS 11): no allocation, the layer is still factorised
+    data-free, and the record says why."""
+    from conftest import init, make_model, vinfo
+    from onnx import helper
+    from onnxlr import activations
+    w = (rng.standard_normal((16, 64, 3, 3)) / 24).astype(np.float32)
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="big", pads=[1, 1, 1, 1])],
+                       [vinfo("x", ["N", 64, 5, 5])], [vinfo("y", ["N", 16, 5, 5])],
+                       [init("w", w)])
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=rng.standard_normal((12, 64, 5, 5)).astype(np.float32))
+    old = activations.MAX_STAT_DIM
+    activations.MAX_STAT_DIM = 64 * 9 - 1  # this layer's 576 values per patch: one too many
+    try:
+        _, report = optimize(model, "tucker", "0.5", max_error=None, calib=str(calib),
+                             verify=False)
+    finally:
+        activations.MAX_STAT_DIM = old
+    rec = report.records[0]
+    assert rec.status == FACTORISED and not rec.extra.get("data_aware")
+    assert "calibration statistics skipped: 576 values" in rec.extra["calibration_note"]

@@ -1,8 +1,9 @@
 """The bundled trained digits CNN (``examples/digits_cnn.onnx``) and its labelled test split.
 
 Five 3×3/1×1 convs (BatchNorm folded by onnxlr) and two Gemms; 450 held-out
-scikit-learn digits upsampled to 16×16. The first 64 samples are the
-calibration set the error bound is checked on; the other 386 give accuracy.
+scikit-learn digits upsampled to 16×16 give the accuracy. Calibration is the
+512 *training* images shipped as ``examples/digits_calib.npz`` (what a user of
+the bundled example has), so no test image is seen before the metric is taken.
 """
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ from bench.real.base import Task, top1_agreement
 
 NAME = "digits_cnn"
 ROOT = Path(__file__).resolve().parents[2] / "examples"
-CALIB = 64
+OLD_CALIB = 64
 
 
 def prepare(cache: Path, quick: bool = False) -> Task:
     with np.load(ROOT / "digits_test.npz") as data:
-        x, y = data["input"], data["label"]
-    calib, test_x, test_y = x[:CALIB], x[CALIB:], y[CALIB:]
+        # the first 64 test images were the calibration set of earlier runs: they stay out,
+        # so every row of the results is measured on the same 386 images
+        test_x, test_y = data["input"][OLD_CALIB:], data["label"][OLD_CALIB:]
+    with np.load(ROOT / "digits_calib.npz") as data:
+        calib = data["input"]
     if quick:
         test_x, test_y = test_x[:128], test_y[:128]
 
@@ -34,6 +38,6 @@ def prepare(cache: Path, quick: bool = False) -> Task:
         evaluate=[{"input": test_x}], timing={"input": test_x[:64]}, metric="accuracy",
         score=score, agree=lambda r, c: top1_agreement(r, c, "logits"),
         agreement="top-1 agreement with the original",
-        notes=[f"calibration: first {CALIB} of the 450 test images; metric on the other "
-               f"{len(test_y)}; timed at batch 64"],
-        info={"calib": CALIB, "evaluate": int(len(test_y)), "timing_batch": 64})
+        notes=[f"calibration: the {len(calib)} training images of examples/digits_calib.npz; "
+               f"metric on the {len(test_y)} test images; timed at batch 64"],
+        info={"calib": int(len(calib)), "evaluate": int(len(test_y)), "timing_batch": 64})

@@ -60,10 +60,18 @@ def row_cells(result: dict, row: dict) -> list[str]:
         bound += " (missed)"
     return [row["setting"], row["method"], rank, bound,
             f"{row['layers']}/{row['candidates']}", _f(row["params_ratio"]) + "x",
-            _f(row["macs_ratio"]) + "x", _f(row.get("speedup"), ".2f") + "x",
+            _f(row["macs_ratio"]) + "x", _speed(row),
             _f(row.get("spread"), ".2f"), _f(row.get("efficiency"), ".2f"),
             _f(row.get("output_error"), ".3g"), f"{_f(before)} → {_f(after)}",
             _f(row.get("agreement")), _f(row.get("seconds"), ".0f")]
+
+
+def _speed(row: dict) -> str:
+    text = _f(row.get("speedup"), ".2f") + "x"
+    other = row.get("speedup_other_batch")
+    if other:
+        text += f" (b{other['batch']}: {other['speedup']:.2f}x)"
+    return text
 
 
 def model_section(result: dict) -> str:
@@ -132,7 +140,11 @@ def render(results: list[dict], fragments: dict[str, str]) -> str:
                 "candidate layers (Gemm, MatMul, Conv). *bound* is `max_error` (relative L2 of "
                 "every output on the calibration inputs; 0.05 is onnxlr's default, *none* "
                 "switches it off); *output error* is the worst output's relative L2 on the "
-                "held-out inputs; */8* means ranks rounded up to multiples of 8. "
+                "held-out inputs; */8* means ranks rounded up to multiples of 8. The *search* "
+                "rows are `optimize(calib=..., metric=<the task's agreement as a plug-in>, "
+                "max_drop=<bound>)`: their bound is the allowed drop of that agreement, judged "
+                "on half of the calibration set held out. A second speed-up in brackets is the "
+                "same two models at another batch size. "
                 f"The shared machine was loaded while measuring: speed-ups are noisy.", "",
                 "Best safe setting per model (bound on and met, task metric within "
                 f"{SAFE_DROP * 100:g} point of the original, fastest measured):", "",

@@ -48,6 +48,8 @@ class FactorizeConfig:
     #: LayerStats}, see onnxlr.activations); methods with ``data_aware`` then choose ranks on
     #: the whitened spectrum and decompose for the layer's output error, not its weight error
     calibration: Any = None
+    #: {layer name: why it has no calibration statistics} (e.g. too big to hold them)
+    calibration_notes: dict[str, str] = field(default_factory=dict)
 
     def stats_for(self, name: str, method: Method):
         """The layer's calibration statistics when the method can use them, else None."""
@@ -169,6 +171,8 @@ class Factorize(Pass):
             record.extra["notes"] = factors.notes
         if self.config.stats_for(node.name, method) is not None:
             record.extra["data_aware"] = True
+        elif node.name in self.config.calibration_notes:
+            record.extra["calibration_note"] = self.config.calibration_notes[node.name]
         logger.info("%s: %s ranks %s, weight error %.4f", node.name, method_name, record.ranks,
                     record.weight_error)
         return record

@@ -22,18 +22,22 @@ from onnxlr.records import FACTORISED, REVERTED
 from onnxlr.search.gated import GatedModel
 from onnxlr.search.ladders import build_ladders
 from onnxlr.search.metrics import check_reference, resolve_metric
-from onnxlr.search.planner import Planner, choose, greedy_path
+from onnxlr.search.planner import Planner, choose, greedy_path, subset
 
 logger = logging.getLogger(__name__)
 
-#: Samples the per-rung sensitivity is scored on (the end-to-end checks use all).
+#: Default batch the layers and the whole model are timed at (at most the inputs' batch).
+TIMING_BATCH = 64
+#: Samples the per-rung sensitivity is scored on (the end-to-end checks use all) ...
 SENSITIVITY_SAMPLES = 128
+#: ... fewer (at least 8) when scoring every rung on that many would take longer than this.
+SENSITIVITY_SECONDS = 90.0
 
 
 def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
            max_drop: float | None = None, target_flops: float | None = None,
            target_speedup: float | None = None, progress=None,
-           sensitivity_samples: int = SENSITIVITY_SAMPLES):
+           sensitivity_samples: int = SENSITIVITY_SAMPLES, timing_batch: int | None = None):
     """Returns (model, records, account, latency) for the best assignment found."""
     t0 = time.perf_counter()
     reference, labels = verifier.reference, verifier.labels
@@ -44,7 +48,8 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
     if synthetic:
         logger.warning("the metric is checked on SYNTHETIC random inputs: give --calib or "
                        "--inputs with real data, or the result may not hold on real inputs")
-    ladders, empty = build_ladders(build, verifier.feeds, timer,
+    timing = subset(verifier.feeds, None, timing_batch or TIMING_BATCH)[0]
+    ladders, empty = build_ladders(build, timing, timer,
                                    multiple=max(8, build.config.rank_multiple), progress=progress)
     t_ladders = time.perf_counter() - t0
     factorize = Factorize(build.config, cache=build.cache)
@@ -58,12 +63,17 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
     planner = Planner(gated, ladders, metric, allowed, reference=reference,
                       feeds=verifier.feeds, labels=labels, progress=progress)
     t1 = time.perf_counter()
-    planner.sensitivities(sensitivity_samples)
+    gated.run({}, verifier.feeds)  # one timed run of the gated graph sizes the sensitivity set
+    per_sample = (time.perf_counter() - t1) / max(_samples(verifier.feeds), 1)
+    rungs = max(sum(len(lad.rungs) for lad in ladders), 1)
+    samples = int(min(sensitivity_samples,
+                      max(8, SENSITIVITY_SECONDS / (rungs * max(per_sample, 1e-9)))))
+    planner.sensitivities(samples)
     t_sens = time.perf_counter() - t1
     steps = greedy_path(ladders, allowed)
     base_session = runtime.make_session(build.prepared, provider=verifier.provider,
                                         threads=timer.threads)
-    model_ms = runtime.interleaved_latency([base_session], verifier.feeds, warmup=2,
+    model_ms = runtime.interleaved_latency([base_session], timing, warmup=2,
                                            iterations=10, max_seconds=3.0).stats[0].median_ms
     macs_total = sum(lad.macs_before for lad in ladders)
     chosen = choose(planner, steps, model_ms=model_ms, macs_total=macs_total,
@@ -76,7 +86,7 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
     latency = None
     from onnxlr.accept import end_to_end
     if chosen.assignment:
-        latency = end_to_end(original, model, verifier.feeds, provider=verifier.provider,
+        latency = end_to_end(original, model, timing, provider=verifier.provider,
                              threads=timer.threads)
     account = {
         "metric": metric.name, "metric_description": metric.description,
@@ -84,6 +94,7 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
         "drop": baseline - score_after, "inputs": verifier.description,
         "synthetic_inputs": synthetic, "layers_with_ladders": len(ladders),
         "rungs": sum(len(lad.rungs) for lad in ladders), "gated_runs": gated.runs,
+        "sensitivity_samples": min(samples, _samples(verifier.feeds)),
         "model_ms_before": model_ms, "target_speedup": target_speedup,
         "target_flops": target_flops, **chosen.account,
         "seconds": {"ladders": t_ladders, "sensitivity": t_sens,
@@ -102,6 +113,11 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
             sum(r.macs_before for r in records if r.kind), 1)
         account["target_met"] = got <= target_flops + 1e-9
     return model, records, comparison, account, latency
+
+
+def _samples(feeds) -> int:
+    sizes = [v.shape[0] for v in feeds.values() if getattr(v, "ndim", 0) >= 1]
+    return int(max(sizes)) if sizes else 1
 
 
 def _session(model, provider):
