@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest allowed loss of the --metric score (default: the metric's "
                         "own: 0.01 for accuracy/top1/plug-ins, 0.005 cosine, 0.05 rel_l2/"
                         "channels); implies --metric auto when --metric is not given")
+    p.add_argument("--eval", metavar="NPZ", default=None,
+                   help="with --metric: inputs (and 'label') the search never sees; the "
+                        "metric of the original and the result on them is reported")
     p.add_argument("--timing-batch", type=int, default=None, metavar="N",
                    help="with --metric: time layers and the whole model on the first N "
                         "verification samples (default: all of them, at most 64)")
@@ -205,6 +208,7 @@ def cmd_optimize(args) -> int:
         target_flops=args.target_flops, target_speedup=args.target_speedup,
         calib=args.calib, calib_samples=args.calib_samples, progress=_progress,
         metric=args.metric, max_drop=args.max_drop, timing_batch=args.timing_batch,
+        evaluate=args.eval,
         profile=args.profile)
     print(report.to_text())
     target = out if report.bound_met is not False else _rejected_path(out)

@@ -112,6 +112,7 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
              profile: bool = False,
              calib=None, calib_samples: int | None = None,
              metric=None, max_drop: float | None = None, timing_batch: int | None = None,
+             evaluate: str | None = None,
              progress: Callable | None = None) -> tuple[onnx.ModelProto, Report]:
     """Factorise a model's layers and check the result against the original.
 
@@ -162,6 +163,8 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
             used, ``target_flops``/``target_speedup`` become the search's objective.
         timing_batch: the batch layers and the whole model are timed at in the search
             (default: the verification inputs' batch, at most 64).
+        evaluate: ``.npz`` of held-out inputs (and ``label``) the search never sees: the
+            metric of the original and the result on them goes into ``report.search``.
 
     Returns:
         The optimised model and a :class:`Report` of every candidate layer.
@@ -185,6 +188,8 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
     searched = metric is not None or max_drop is not None
     if timing_batch is not None and not (isinstance(timing_batch, int) and timing_batch >= 1):
         raise OnnxlrError(f"invalid --timing-batch {timing_batch}: must be an integer >= 1")
+    if evaluate is not None and not searched:
+        raise OnnxlrError("--eval reports the --metric on held-out inputs: give --metric too")
     if searched:
         from onnxlr.search.metrics import check_max_drop
         check_max_drop(max_drop)
@@ -253,7 +258,7 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
             result, records, comparison, report.search, report.latency = search(
                 build, verifier, original, timer, metric=metric, max_drop=max_drop,
                 target_flops=target_flops, target_speedup=target_speedup, progress=progress,
-                timing_batch=timing_batch)
+                timing_batch=timing_batch, evaluate=evaluate)
             report.records, report.comparison = records, comparison
             if report.latency is None and measure_latency:
                 report.latency = end_to_end(original, result, verifier.feeds,

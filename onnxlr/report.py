@@ -260,6 +260,10 @@ class Report:
         lines = [f"metric {s['metric']} ({s['metric_description']}): {s['score_before']:.4f} → "
                  f"{s['score_after']:.4f}, drop {s['drop']:+.4f} "
                  f"(allowed {s['max_drop']:g}: {'met' if s.get('met_bound') else 'EXCEEDED'})"]
+        ev = s.get("evaluation")
+        if ev:
+            lines.append(f"metric {s['metric']} on {ev['inputs']}: {ev['score_before']:.4f} → "
+                         f"{ev['score_after']:.4f} (drop {ev['drop']:+.4f})")
         if s.get("synthetic_inputs"):
             lines.append("WARNING: judged on SYNTHETIC random inputs, not real data: give --calib "
                          "or --inputs; the result may not hold on real inputs")

@@ -37,8 +37,12 @@ SENSITIVITY_SECONDS = 90.0
 def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
            max_drop: float | None = None, target_flops: float | None = None,
            target_speedup: float | None = None, progress=None,
-           sensitivity_samples: int = SENSITIVITY_SAMPLES, timing_batch: int | None = None):
-    """Returns (model, records, account, latency) for the best assignment found."""
+           sensitivity_samples: int = SENSITIVITY_SAMPLES, timing_batch: int | None = None,
+           evaluate: str | None = None):
+    """Returns (model, records, comparison, account, latency) for the best assignment found.
+
+    ``evaluate``: an ``.npz`` of inputs (and ``label``) the search never sees; the metric of
+    the original and of the result on it is reported (``account["evaluation"]``)."""
     t0 = time.perf_counter()
     reference, labels = verifier.reference, verifier.labels
     check_reference(reference)
@@ -106,6 +110,8 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
         account["returned"] = "input"
         account["score_after"], account["drop"] = baseline, 0.0
         comparison = runtime.compare_outputs(reference, reference)
+    if evaluate is not None:
+        account["evaluation"] = _evaluate(original, model, metric, evaluate, verifier.provider)
     if target_speedup is not None:
         account["target_met"] = bool(latency and latency["speedup"] >= target_speedup)
     elif target_flops is not None:
@@ -113,6 +119,19 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
             sum(r.macs_before for r in records if r.kind), 1)
         account["target_met"] = got <= target_flops + 1e-9
     return model, records, comparison, account, latency
+
+
+def _evaluate(original, model, metric, path: str, provider: str) -> dict:
+    """The metric on inputs the search never saw: original vs result."""
+    from onnxlr.verify import _labels
+    feeds = runtime.make_inputs(original, npz=path)
+    labels = _labels(path)
+    ref = runtime.run(_session(original, provider), feeds)
+    check_reference(ref)
+    out = runtime.run(_session(model, provider), feeds)
+    before, after = metric.score(ref, ref, labels), metric.score(ref, out, labels)
+    return {"inputs": f"{path} ({_samples(feeds)} samples, never seen by the search)",
+            "score_before": before, "score_after": after, "drop": before - after}
 
 
 def _samples(feeds) -> int:
