@@ -329,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("onnxlr").setLevel(logging.WARNING)  # per-layer lines would drown the rows
+    logging.getLogger("onnxlr.search.run").setLevel(logging.INFO)  # one line per search phase
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = sorted(set(names) - set(MODELS))
     if unknown:

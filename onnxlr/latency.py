@@ -215,7 +215,7 @@ class LayerTimer:
         out = []
         for ranks in dict.fromkeys(tuple(int(r) for r in c) for c in candidates):
             trial = Trial(ranks)
-            built, record = self._factorised(node, values, ranks)
+            built, record = self._factorised(node, values, ranks, method)
             if record.status != FACTORISED:
                 trial.reason = record.reason
                 out.append(trial)
@@ -237,11 +237,12 @@ class LayerTimer:
             out.append(trial)
         return out
 
-    def _factorised(self, node: gs.Node, values, ranks):
+    def _factorised(self, node: gs.Node, values, ranks, method: str | None = None):
         graph, _ = isolate(node, values, self.opsets, self.ir_version)
         config = copy.copy(self.config)
         config.include, config.exclude, config.layer_ranks = [node.name], [], []
         config.forced_ranks, config.rank_scale = {node.name: ranks}, {}
+        config.forced_methods = {node.name: method} if method else {}
         result = Factorize(config, cache=self.factor_cache)(graph)
         record = result.records[0]
         return (_export(graph) if record.status == FACTORISED else None), record

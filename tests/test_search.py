@@ -297,3 +297,13 @@ def test_a_layer_too_big_for_statistics_is_factorised_from_its_weights(rng, tmp_
     rec = report.records[0]
     assert rec.status == FACTORISED and not rec.extra.get("data_aware")
     assert "calibration statistics skipped: 576 values" in rec.extra["calibration_note"]
+
+
+def test_pareto_keeps_only_rungs_nothing_beats_on_speed_and_error():
+    from onnxlr.search.ladders import pareto
+
+    def rung(speedup, err):
+        return Rung(Option("svd", (1,)), 1, None, err, 1.0, 1.0 / speedup)
+    a, b, c, d = rung(2.0, 0.1), rung(3.0, 0.05), rung(1.5, 0.01), rung(3.0, 0.2)
+    kept = pareto([a, b, c, d])
+    assert kept == [c, b]  # a is beaten by b on both; d ties b on speed with a larger error

@@ -44,6 +44,8 @@ class FactorizeConfig:
     #: exact ranks per layer name, chosen by a search (latency acceptance, budgets); wins over
     #: the rank rule and ``rank_scale``
     forced_ranks: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: the method per layer name chosen by a search (wins over ``methods``' per-kind choice)
+    forced_methods: dict[str, str] = field(default_factory=dict)
     #: per-layer input statistics from calibration data ({layer name: onnxlr.linalg.whiten.
     #: LayerStats}, see onnxlr.activations); methods with ``data_aware`` then choose ranks on
     #: the whitened spectrum and decompose for the layer's output error, not its weight error
@@ -124,7 +126,7 @@ class Factorize(Pass):
         if not site.shapes_known:
             record.extra["macs_note"] = "shapes unknown: MACs counted per position"
         why_not = self.config.selected(node.name)
-        method_name = self.config.methods.get(site.kind)
+        method_name = self.config.forced_methods.get(node.name) or self.config.methods.get(site.kind)
         if why_not is None and method_name is None:
             why_not = f"no method selected for {site.kind} layers"
         if why_not is None:

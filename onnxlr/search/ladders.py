@@ -70,9 +70,28 @@ class Ladder:
     dropped: list[str] = field(default_factory=list)  # rungs left off, and why
 
 
+#: With ``--method auto`` a k×k conv also gets channel-SVD rungs (k×k conv with r filters,
+#: then 1×1): for few input channels it beats Tucker-2; Pareto filtering keeps what is worth it.
+AUTO_ALTERNATIVES = {"conv": ("tucker", "svd")}
+
+
+def pareto(rungs: list[Rung]) -> list[Rung]:
+    """The rungs no other rung beats on both speed and the layer's own output error."""
+    def err(r: Rung) -> float:
+        return r.local_error if r.local_error is not None else float("inf")
+    keep = [r for r in rungs
+            if not any(o is not r and o.speedup >= r.speedup and err(o) <= err(r)
+                       and (o.speedup > r.speedup or err(o) < err(r)) for o in rungs)]
+    return sorted(keep, key=lambda r: r.speedup)
+
+
 def build_ladders(build, feeds, timer: LayerTimer, *, multiple: int = 8, levels=LEVELS,
-                  progress=None) -> tuple[list[Ladder], dict[str, str]]:
-    """Ladders for every layer the settings select; and {layer: why it has no ladder}."""
+                  progress=None, alternatives: dict | None = None
+                  ) -> tuple[list[Ladder], dict[str, str]]:
+    """Ladders for every layer the settings select; and {layer: why it has no ladder}.
+
+    ``alternatives``: {layer kind: method names} tried besides the configured method.
+    """
     records = selected_layers(build)
     graph, nodes, values = layer_nodes_and_inputs(
         build.prepared, [r.name for r in records], feeds, provider=timer.provider)
@@ -87,20 +106,28 @@ def build_ladders(build, feeds, timer: LayerTimer, *, multiple: int = 8, levels=
         if isinstance(site, str):
             empty[rec.name] = site
             continue
-        method = METHODS[rec.method]()
-        ranks = [ranks_for_macs(method, site, f, multiple) for f in levels]
-        ranks = [r for r in dict.fromkeys(ranks) if r is not None]
-        trials = timer.trials(node, values, rec.method, ranks)
         ladder = Ladder(rec.name, rec.method, rec.macs_before, rec.params_before, 0.0)
-        for t in trials:
-            if t.speedup is None:
-                ladder.dropped.append(f"{t.ranks}: {t.reason or 'could not be timed'}")
-            elif t.speedup < MIN_RUNG_SPEEDUP:
-                ladder.dropped.append(f"{t.ranks}: measured {t.speedup:.2f}x alone")
-            else:
-                ladder.rungs.append(Rung(Option(rec.method, tuple(t.ranks)), t.macs,
-                                         t.weight_error, t.local_error, t.ms_before, t.ms_after))
+        names = dict.fromkeys([rec.method, *(alternatives or {}).get(rec.kind, ())])
+        for name in names:
+            method = METHODS[name]()
+            if rec.kind not in method.kinds:
+                continue
+            ranks = [ranks_for_macs(method, site, f, multiple) for f in levels]
+            ranks = [r for r in dict.fromkeys(ranks) if r is not None]
+            for t in timer.trials(node, values, name, ranks):
+                label = f"{name} {t.ranks}"
+                if t.speedup is None:
+                    ladder.dropped.append(f"{label}: {t.reason or 'could not be timed'}")
+                elif t.speedup < MIN_RUNG_SPEEDUP:
+                    ladder.dropped.append(f"{label}: measured {t.speedup:.2f}x alone")
+                else:
+                    ladder.rungs.append(Rung(Option(name, tuple(t.ranks)), t.macs, t.weight_error,
+                                             t.local_error, t.ms_before, t.ms_after))
         if ladder.rungs:
+            kept = pareto(ladder.rungs)
+            ladder.dropped += [f"{r.option.method} {r.option.ranks}: beaten on speed and error "
+                               f"by another candidate" for r in ladder.rungs if r not in kept]
+            ladder.rungs = kept
             # one baseline per layer; each rung's saving comes from its own paired ratio
             ladder.ms_before = float(np.median([r.ms_before for r in ladder.rungs]))
             ladder.rungs.sort(key=lambda r: r.speedup)

@@ -16,11 +16,11 @@ import onnx
 
 from onnxlr import runtime
 from onnxlr.graph import to_graph, to_model
-from onnxlr.methods import METHODS
+from onnxlr.methods import AUTO
 from onnxlr.passes.factorize import Factorize
 from onnxlr.records import FACTORISED, REVERTED
 from onnxlr.search.gated import GatedModel
-from onnxlr.search.ladders import build_ladders
+from onnxlr.search.ladders import AUTO_ALTERNATIVES, build_ladders
 from onnxlr.search.metrics import check_reference, resolve_metric
 from onnxlr.search.planner import Planner, choose, greedy_path, subset
 
@@ -53,9 +53,14 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
         logger.warning("the metric is checked on SYNTHETIC random inputs: give --calib or "
                        "--inputs with real data, or the result may not hold on real inputs")
     timing = subset(verifier.feeds, None, timing_batch or TIMING_BATCH)[0]
+    auto = build.config.methods == AUTO
     ladders, empty = build_ladders(build, timing, timer,
-                                   multiple=max(8, build.config.rank_multiple), progress=progress)
+                                   multiple=max(8, build.config.rank_multiple), progress=progress,
+                                   alternatives=AUTO_ALTERNATIVES if auto else None)
     t_ladders = time.perf_counter() - t0
+    logger.info("search: %d layers with %d candidates measured faster alone (%d without) in "
+                "%.0f s", len(ladders), sum(len(lad.rungs) for lad in ladders), len(empty),
+                t_ladders)
     factorize = Factorize(build.config, cache=build.cache)
 
     def factors(method_name, site, ranks):
@@ -74,6 +79,7 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
                       max(8, SENSITIVITY_SECONDS / (rungs * max(per_sample, 1e-9)))))
     planner.sensitivities(samples)
     t_sens = time.perf_counter() - t1
+    logger.info("search: sensitivity of every candidate on %d samples in %.0f s", samples, t_sens)
     steps = greedy_path(ladders, allowed)
     base_session = runtime.make_session(build.prepared, provider=verifier.provider,
                                         threads=timer.threads)
@@ -82,6 +88,9 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
     macs_total = sum(lad.macs_before for lad in ladders)
     chosen = choose(planner, steps, model_ms=model_ms, macs_total=macs_total,
                     target_speedup=target_speedup, target_flops=target_flops)
+    logger.info("search: %d path steps, %d end-to-end checks, %d layers changed (%.0f s)",
+                len(steps), len(planner.checks), len(chosen.assignment),
+                chosen.account["check_seconds"])
     model, records = _build(build, ladders, empty, chosen.assignment, allowed)
     outputs = runtime.run(_session(model, verifier.provider), verifier.feeds)
     comparison = runtime.compare_outputs(reference, outputs)
@@ -148,6 +157,7 @@ def _build(build, ladders, empty, assignment, allowed):
     """The model with the chosen rungs, every other selected layer kept (with why)."""
     by = {lad.layer: lad for lad in ladders}
     forced = {k: by[k].rungs[j].option.ranks for k, j in assignment.items()}
+    methods = {k: by[k].rungs[j].option.method for k, j in assignment.items()}
     keep = {name: f"search: {why}" for name, why in empty.items()}
     for lad in ladders:
         if lad.layer not in assignment:
@@ -155,7 +165,8 @@ def _build(build, ladders, empty, assignment, allowed):
             keep[lad.layer] = (f"search: not needed or not affordable: its best rung alone "
                                f"drops the metric by {best.drop:.4g} (allowed {allowed:g} for "
                                f"the whole model) for {best.speedup:.2f}x on the layer")
-    config = dataclasses.replace(build.config, forced_ranks=forced, rank_scale={})
+    config = dataclasses.replace(build.config, forced_ranks=forced, forced_methods=methods,
+                                 rank_scale={})
     graph = to_graph(build.prepared)
     result = Factorize(config, keep, build.cache)(graph)
     records = result.records
