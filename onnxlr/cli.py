@@ -27,13 +27,13 @@ def _max_error(value: str) -> float | None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="input .onnx file")
+    from onnxlr.methods import describe
     p.add_argument("--method", default="auto",
-                   help="auto | svd | tucker | cp | fastfood | fastfood_svd, or per kind: "
-                        "'auto,conv=cp', 'gemm=fastfood' (kinds: gemm, matmul, conv1x1, conv; "
-                        "fastfood: Adaptive Fastfood for gemm/matmul, its rank is a low-rank "
-                        "correction, 0 at first); or alone: prune (channel pruning, "
-                        "needs --calib) | thin (SOMP, data-free; least squares with --calib), "
-                        "where --rank 0.5 keeps half the channels. Default: auto")
+                   help="auto (svd for gemm/matmul/conv1x1, tucker for conv), a method, or per "
+                        "kind: 'auto,conv=cp', 'gemm=fastfood'. Methods: " + describe()
+                        + ". Or alone: prune (channel pruning, needs --calib) | thin (SOMP, "
+                        "data-free; least squares with --calib), where --rank 0.5 keeps half "
+                        "the channels. Default: auto")
     p.add_argument("--rank-multiple", type=int, default=1, metavar="N",
                    help="round ranks up to a multiple of N (8 or 16 run faster on most hardware)")
 

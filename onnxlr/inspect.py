@@ -12,10 +12,10 @@ import onnx
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import to_graph
 from onnxlr.methods import METHODS, parse_method
-from onnxlr.pipeline import prepare
+from onnxlr.passes.prepare import prepare
 from onnxlr.rank import parse_rank
 from onnxlr.report import human
-from onnxlr.sites import QUANTIZED_OPS, find_site, nested_layer_records, too_big
+from onnxlr.sites import QUANTIZED_OPS, find_site, nested_layer_records
 
 RULES = ("vbmf", "energy:0.95", "0.25")
 
@@ -57,7 +57,7 @@ def inspect_model(model: onnx.ModelProto, method: str = "auto", rules=RULES,
         if view.method is None:
             view.reason = f"no method selected for {site.kind} layers"
             continue
-        view.reason = too_big(site, view.method) or ""
+        view.reason = METHODS[view.method].too_big(site) or ""
         if view.reason:  # even its spectrum would cost more than a layer is allowed
             continue
         m = METHODS[view.method]()

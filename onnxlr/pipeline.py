@@ -23,10 +23,8 @@ from onnxlr.accept import accept_by_latency, end_to_end
 from onnxlr.io import check_model, load_model
 from onnxlr.latency import DEFAULT_MIN_LAYER_SPEEDUP
 from onnxlr.methods import CHANNEL_METHODS, parse_method
-from onnxlr.passes.base import PassManager
-from onnxlr.passes.constants import ConstantsToInitializers
 from onnxlr.passes.factorize import Factorize, FactorizeConfig
-from onnxlr.passes.fold_bn import FoldBatchNorm
+from onnxlr.passes.prepare import name_nodes, prepare  # noqa: F401 (public: pipeline.prepare)
 from onnxlr.rank import parse_rank
 from onnxlr.records import FACTORISED, REVERTED, LayerRecord
 from onnxlr.report import Report
@@ -35,42 +33,6 @@ logger = logging.getLogger(__name__)
 
 #: Default end-to-end bound: relative L2 error of every output, on the verification inputs.
 DEFAULT_MAX_ERROR = 0.05
-
-
-def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Constant weights → initializers, BatchNorm folded into Convs, every node named
-    uniquely; nothing factorised."""
-    graph = to_graph(model)
-    name_nodes(graph)
-    PassManager([ConstantsToInitializers(), FoldBatchNorm()], max_steps=2)(graph)
-    return to_model(graph, model)
-
-
-def name_nodes(graph) -> int:
-    """Give every unnamed node a name (``<op>_<index>``) and every repeated name a suffix.
-
-    Node names are optional in ONNX and need not be unique, but every piece of per-layer
-    state (the factor cache, records, ``--include``/``--layer-rank``, ladders, reports) is
-    keyed by the layer's name: two layers sharing one name would share factors. Naming
-    them here, once, before anything is keyed, makes a layer's identity unique. Returns
-    how many nodes were (re)named.
-    """
-    used = {n.name for n in graph.nodes if n.name}
-    seen: set[str] = set()
-    renamed = 0
-    for i, node in enumerate(graph.nodes):
-        if node.name and node.name not in seen:
-            seen.add(node.name)
-            continue
-        base = node.name or f"{node.op}_{i}"
-        name, k = base, 1
-        while name in used or name in seen:
-            name, k = f"{base}_{k}", k + 1
-        node.name = name
-        seen.add(name)
-        used.add(name)
-        renamed += 1
-    return renamed
 
 
 def parse_layer_ranks(specs: list[str]) -> list[tuple[str, object]]:
@@ -215,7 +177,7 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
     build = _Builder(prepare(original), config, progress)
     heldout = None
     if method.strip() in CHANNEL_METHODS:  # --- prune/thin: a channel pass replaces Factorize
-        from onnxlr.passes.prune import setup_channel_method
+        from onnxlr.passes.channel_setup import setup_channel_method
         heldout = setup_channel_method(build, method.strip(), calib,
                                        holdout=verify and inputs is None,
                                        max_samples=calib_samples, seed=seed, provider=provider,

@@ -19,9 +19,6 @@ FLOAT_KINDS = ("f",)
 EXTRA_FLOAT_DTYPES = ("bfloat16",)
 #: Quantized layers: their integer weights and scales are left exactly as they are.
 QUANTIZED_OPS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm")
-#: Largest weight (elements) each method decomposes: SVD/Tucker need a few float64 copies of it
-#: (2**28 elements: 2 GiB each); a CP sweep costs 2·size·R flops and 3 copies, so CP gets less.
-MAX_DECOMPOSE_ELEMENTS = {"svd": 2**28, "tucker": 2**28, "cp": 2**25}
 
 
 @dataclass
@@ -97,15 +94,6 @@ def _float_weight(value: np.ndarray | None, tensor: gs.Tensor | None = None) -> 
         return "weight is not a constant (computed at run time)"
     if value.dtype.kind not in FLOAT_KINDS and value.dtype.name not in EXTRA_FLOAT_DTYPES:
         return f"weight has dtype {value.dtype} (quantized or integer layers are left alone)"
-    return None
-
-
-def too_big(site: LayerSite, method: str) -> str | None:
-    """Why ``method`` must not decompose this weight (time and memory per layer), or None."""
-    limit = MAX_DECOMPOSE_ELEMENTS.get(method)
-    if limit is not None and site.weight.size > limit:
-        return (f"weight has {site.weight.size} elements, over the {method} limit of {limit} "
-                f"(decomposition time and memory are bounded per layer)")
     return None
 
 

@@ -219,9 +219,9 @@ def test_lying_header_in_typed_field_and_constant_node():
 
 def test_decomposition_size_is_bounded_per_layer_and_method(monkeypatch):
     """CP gets the smallest budget; a layer over it is declined, with the reason, not started."""
-    monkeypatch.setitem(sites.MAX_DECOMPOSE_ELEMENTS, "cp", 1000)
-    calls = []
     from onnxlr.methods.cp import CpMethod
+    monkeypatch.setattr(CpMethod, "max_elements", 1000)
+    calls = []
     monkeypatch.setattr(CpMethod, "decompose", lambda *a, **k: calls.append(a))
     _, report = optimize(small_conv(), "cp", "8", max_error=None, verify=False)
     (rec,) = report.records

@@ -16,14 +16,33 @@ from onnxlr.methods.fastfood import FastfoodMethod, FastfoodSvdMethod
 from onnxlr.methods.svd import SvdMethod
 from onnxlr.methods.tucker import TuckerMethod
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SvdMethod, TuckerMethod, CpMethod,
-                                                        FastfoodMethod, FastfoodSvdMethod)}
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(method: type[Method]) -> type[Method]:
+    """Make a method available to ``--method``, the CLI help, ``inspect`` and the search.
+
+    Adding a method is one file with a :class:`Method` subclass and one call of this (also
+    usable as a class decorator)."""
+    if not method.name or not method.kinds or not method.kinds <= set(KINDS):
+        raise OnnxlrError(f"method {method.__name__} needs a name and kinds among {KINDS}")
+    METHODS[method.name] = method
+    return method
+
+
+def describe() -> str:
+    """``--method`` help, from the registry."""
+    return "; ".join(f"{m.name}: {m.help} [{', '.join(k for k in KINDS if k in m.kinds)}]"
+                     for m in METHODS.values())
 KINDS = ("gemm", "matmul", "conv1x1", "conv")
 AUTO = {"gemm": "svd", "matmul": "svd", "conv1x1": "svd", "conv": "tucker"}
 #: channel methods act on producer→consumer chains (onnxlr.passes.prune/.thin), alone
 CHANNEL_METHODS = ("prune", "thin")
 
-__all__ = ["AUTO", "CHANNEL_METHODS", "KINDS", "METHODS", "Factors", "Method", "parse_method"]
+for _method in (SvdMethod, TuckerMethod, CpMethod, FastfoodMethod, FastfoodSvdMethod):
+    register(_method)
+
+__all__ = ["AUTO", "CHANNEL_METHODS", "KINDS", "METHODS", "Factors", "Method", "describe", "parse_method", "register"]
 
 
 def _check_name(name: str, spec: str) -> str:

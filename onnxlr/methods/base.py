@@ -32,11 +32,30 @@ class Factors:
 
 
 class Method(abc.ABC):
-    """A factorisation: ranks → cost → factors → replacement nodes."""
+    """A factorisation: ranks → cost → factors → replacement nodes.
+
+    A method is one class that declares everything the rest of onnxlr needs to know about
+    it, and one :func:`onnxlr.methods.register` line: its name, the layer kinds it handles,
+    its help text (the CLI's ``--method`` help is built from these), its per-layer size
+    limit and whether it uses calibration statistics.
+    """
 
     name: str = ""
     kinds: frozenset[str] = frozenset()
     help: str = ""
+    #: Largest weight (elements) this method decomposes: SVD and Tucker need a few float64
+    #: copies of it (2**28 elements: 2 GiB each). Bounded per layer, time and memory alike.
+    max_elements: int = 2**28
+    #: True when ``choose_ranks``/``decompose`` accept ``stats=`` (calibration statistics).
+    data_aware: bool = False
+
+    @classmethod
+    def too_big(cls, site: LayerSite) -> str | None:
+        """Why this method must not decompose the site's weight, or None."""
+        if site.weight.size > cls.max_elements:
+            return (f"weight has {site.weight.size} elements, over the {cls.name} limit of "
+                    f"{cls.max_elements} (decomposition time and memory are bounded per layer)")
+        return None
 
     @abc.abstractmethod
     def choose_ranks(self, site: LayerSite, selector: RankSelector,

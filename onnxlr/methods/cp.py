@@ -61,6 +61,8 @@ class CpMethod(Method):
     name = "cp"
     kinds = frozenset({"conv"})
     help = "CP: 1×1 → depthwise per spatial axis → 1×1 (Lebedev et al. 2015)"
+    #: a CP sweep costs 2·size·R flops and three copies of the weight: a smaller budget
+    max_elements = 2**25
 
     def __init__(self, max_seconds: float = 60.0, max_iter: int = 200):
         self.max_seconds = max_seconds

@@ -112,6 +112,9 @@ class FastfoodMethod(Method):
     help = ("Adaptive Fastfood (Deep Fried Convnets): S·H·G·Π·H·B blocks fitted to the layer, "
             "Hadamard in Kronecker stages; rank = low-rank correction, starts at 0")
     data_aware = True
+    #: the ALS fit holds several float64 copies of each block and the D×D products of its
+    #: transforms: bounded like CP (before, Fastfood had no bound at all)
+    max_elements = 2**25
 
     def __init__(self, radix: int = RADIX, sweeps: int = 100, seed: int = 0):
         if radix < 2 or radix & (radix - 1):

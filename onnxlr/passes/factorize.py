@@ -22,7 +22,7 @@ from onnxlr.methods.base import overflow_reason
 from onnxlr.passes.base import Pass, PassResult
 from onnxlr.rank import RankSelector
 from onnxlr.records import DECLINED, FACTORISED, LayerRecord
-from onnxlr.sites import QUANTIZED_OPS, LayerSite, find_site, nested_layer_records, too_big
+from onnxlr.sites import QUANTIZED_OPS, LayerSite, find_site, nested_layer_records
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class Factorize(Pass):
         if why_not is None and method_name is None:
             why_not = f"no method selected for {site.kind} layers"
         if why_not is None:
-            why_not = too_big(site, method_name)
+            why_not = METHODS[method_name].too_big(site)
         if why_not is None and node.name in self.keep:
             why_not = self.keep[node.name]
         if why_not:
