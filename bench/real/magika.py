@@ -136,7 +136,7 @@ def prepare(cache: Path, quick: bool = False) -> Task:
     labels = config["target_labels_space"]
     index = {label: i for i, label in enumerate(labels)}
     found = find_files(roots(), extension_labels(kb, labels))
-    n_eval, n_calib = (64, 16) if quick else (200, 64)
+    n_eval, n_calib = (64, 16) if quick else (200, 256)
     chosen = choose(found, per_label=8, total=10 * (n_eval + n_calib), seed=SEED)
     rows, names, truth = [], [], []
     for path, label in chosen:
