@@ -33,6 +33,8 @@ number of calibration samples.
 """
 from __future__ import annotations
 
+import hashlib
+
 import logging
 from dataclasses import dataclass, field
 
@@ -178,7 +180,11 @@ def whitened_svd(a: np.ndarray, stats: LayerStats, k: int, *, centred: bool) -> 
     if kk == 0:
         left, right = np.zeros((out, k)), np.zeros((k, d))
     else:
-        u, s, vt = scipy.linalg.svd(aw, full_matrices=False, lapack_driver="gesdd")
+        # one SVD per (map, statistics): a search asks for several ranks of the same layer
+        key = ("svd", centred, DAMPING, a.shape, hashlib.blake2b(a.tobytes(), digest_size=16).digest())
+        if key not in stats._cache:
+            stats._cache[key] = scipy.linalg.svd(aw, full_matrices=False, lapack_driver="gesdd")
+        u, s, vt = stats._cache[key]
         left = np.zeros((out, k))
         right = np.zeros((k, d))
         left[:, :kk] = u[:, :kk]
