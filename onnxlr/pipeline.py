@@ -220,7 +220,8 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
             result, records, comparison, report.search, report.latency = search(
                 build, verifier, original, timer, metric=metric, max_drop=max_drop,
                 target_flops=target_flops, target_speedup=target_speedup, progress=progress,
-                timing_batch=timing_batch, evaluate=evaluate)
+                timing_batch=timing_batch, evaluate=evaluate,
+                fit_batches=_fit_batches(build.prepared, calib, calib_samples, heldout))
             report.records, report.comparison = records, comparison
             if report.latency is None and measure_latency:
                 report.latency = end_to_end(original, result, verifier.feeds,
@@ -259,6 +260,23 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
     check_model(result, what="optimised model")
     report.seconds = time.perf_counter() - t0
     return result, report
+
+
+#: At most this many calibration samples feed the search's sequential refit.
+REFIT_SAMPLES = 64
+
+
+def _fit_batches(prepared, calib, calib_samples, heldout) -> list[dict] | None:
+    """The calibration samples the layer statistics came from (never the held-out ones the
+    search judges on), at most :data:`REFIT_SAMPLES`, as feed batches; None without --calib."""
+    if calib is None:
+        return None
+    from onnxlr.activations import _holdout_size
+    from onnxlr.calib import load_calibration
+    source = load_calibration(calib, prepared, max_samples=calib_samples)
+    if heldout is not None:
+        source = source.split(_holdout_size(source, 0.5, 512))[0]
+    return list(source.head(min(REFIT_SAMPLES, source.num_samples)))
 
 
 def _timer(build: _Builder, provider, threads, latency_cache):

@@ -307,3 +307,55 @@ def test_pareto_keeps_only_rungs_nothing_beats_on_speed_and_error():
     a, b, c, d = rung(2.0, 0.1), rung(3.0, 0.05), rung(1.5, 0.01), rung(3.0, 0.2)
     kept = pareto([a, b, c, d])
     assert kept == [c, b]  # a is beaten by b on both; d ties b on speed with a larger error
+
+
+# --- sequential refit --------------------------------------------------------------------
+
+def test_sequential_refit_solves_the_last_stage_on_the_compressed_prefix(rng):
+    """Each layer's last stage becomes the least-squares map from the hidden computed in the
+    compressed model (earlier layers already refitted) to the original layer's output."""
+    from conftest import init, make_model, vinfo
+    from onnx import helper, numpy_helper
+    from onnxlr.search.refit import refit_sequentially
+    w1 = rng.standard_normal((12, 16)).astype(np.float32)
+    w2 = rng.standard_normal((10, 16)).astype(np.float32)  # Gemm transB: [out, in]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="fc1_bias"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2", transB=1,
+                              alpha=0.5, beta=2.0)]
+    model = make_model(nodes, [vinfo("x", ["N", 12])], [vinfo("y", ["N", 10])],
+                       [init("w1", w1), init("b1", rng.standard_normal(16).astype(np.float32)),
+                        init("w2", w2), init("b2", rng.standard_normal(10).astype(np.float32))])
+    prepared = prepare(model)
+    config = _config(prepared)
+    compressed = _built(prepared, config, {"fc1": (3,), "fc2": (3,)}, {})
+    batches = [{"x": rng.standard_normal((40, 12)).astype(np.float32)} for _ in range(3)]
+    out, done = refit_sequentially(prepared, compressed, ["fc1", "fc2"], batches)
+    assert [r.layer for r in done] == ["fc1", "fc2"]
+    assert all(r.after < r.before for r in done)
+    onnx.checker.check_model(out)
+
+    def capture(m, names, feeds):
+        probe = onnx.ModelProto()
+        probe.CopyFrom(m)
+        probe.graph.output.extend([onnx.ValueInfoProto(name=n) for n in names])
+        import onnxruntime as ort
+        s = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+    stage = next(n for n in out.graph.node if n.name == "fc2/svd/gemm_out")
+    z = np.concatenate([capture(out, [stage.input[0]], b)[stage.input[0]] for b in batches])
+    y = np.concatenate([capture(prepared, [], b)["y"] for b in batches]).astype(np.float64)
+    z1 = np.hstack([z.astype(np.float64), np.ones((len(z), 1))])
+    coef = np.linalg.lstsq(z1, y, rcond=None)[0]
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in stage.attribute}
+    np.testing.assert_allclose(attrs.get("alpha", 1.0) * inits[stage.input[1]], coef[:-1],
+                               rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(attrs.get("beta", 1.0) * inits[stage.input[2]], coef[-1],
+                               rtol=1e-3, atol=1e-3)
+    # and the model got closer to the original on new inputs
+    x = {"x": rng.standard_normal((50, 12)).astype(np.float32)}
+    ref = ort_run(prepared, x)[0]
+    before = np.linalg.norm(ort_run(compressed, x)[0] - ref)
+    assert np.linalg.norm(ort_run(out, x)[0] - ref) < before

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass, field
 
 import onnx
 
@@ -38,7 +39,7 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
            max_drop: float | None = None, target_flops: float | None = None,
            target_speedup: float | None = None, progress=None,
            sensitivity_samples: int = SENSITIVITY_SAMPLES, timing_batch: int | None = None,
-           evaluate: str | None = None):
+           evaluate: str | None = None, fit_batches: list[dict] | None = None):
     """Returns (model, records, comparison, account, latency) for the best assignment found.
 
     ``evaluate``: an ``.npz`` of inputs (and ``label``) the search never sees; the metric of
@@ -91,10 +92,26 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
     logger.info("search: %d path steps, %d end-to-end checks, %d layers changed (%.0f s)",
                 len(steps), len(planner.checks), len(chosen.assignment),
                 chosen.account["check_seconds"])
-    model, records = _build(build, ladders, empty, chosen.assignment, allowed)
-    outputs = runtime.run(_session(model, verifier.provider), verifier.feeds)
+    judge = _Judge(build, ladders, empty, allowed, metric, reference, labels, verifier,
+                   fit_batches)
+    built = judge(chosen.assignment)
+    refit = None
+    if fit_batches and chosen.assignment:
+        # the refit lowers every layer's error: go further along the path where it holds
+        t2 = time.perf_counter()
+        further = judge.extend(steps, chosen.account["bisected_steps"], chosen.assignment,
+                               target=target_speedup is None and target_flops is None)
+        if further is not None:
+            built = further
+        refit = {**built.refit, "seconds": time.perf_counter() - t2,
+                 "checks": judge.refit_checks}
+        logger.info("search: sequential refit: %d layers changed, metric %.4f (%s) after %d "
+                    "refit checks", len(built.assignment), built.score,
+                    "refit kept" if built.refit.get("kept") else "refit not kept",
+                    judge.refit_checks)
+    chosen.assignment = built.assignment
+    model, records, outputs, score_after = built.model, built.records, built.outputs, built.score
     comparison = runtime.compare_outputs(reference, outputs)
-    score_after = metric.score(reference, outputs, labels)
     baseline = planner.baseline
     latency = None
     from onnxlr.accept import end_to_end
@@ -109,7 +126,7 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
         "rungs": sum(len(lad.rungs) for lad in ladders), "gated_runs": gated.runs,
         "sensitivity_samples": min(samples, _samples(verifier.feeds)),
         "model_ms_before": model_ms, "target_speedup": target_speedup,
-        "target_flops": target_flops, **chosen.account,
+        "target_flops": target_flops, **chosen.account, "refit": refit,
         "seconds": {"ladders": t_ladders, "sensitivity": t_sens,
                     "total": time.perf_counter() - t0},
     }
@@ -141,6 +158,87 @@ def _evaluate(original, model, metric, path: str, provider: str) -> dict:
     before, after = metric.score(ref, ref, labels), metric.score(ref, out, labels)
     return {"inputs": f"{path} ({_samples(feeds)} samples, never seen by the search)",
             "score_before": before, "score_after": after, "drop": before - after}
+
+
+@dataclass
+class _Built:
+    assignment: dict
+    model: onnx.ModelProto
+    records: list
+    outputs: dict
+    score: float
+    distortion: float
+    refit: dict = field(default_factory=dict)
+
+
+class _Judge:
+    """Builds an assignment, refits it sequentially (when fitting samples exist) and scores
+    it on the held-out inputs: the refit is kept when the metric holds its bound and the
+    output error is lower (a metric over a few hundred samples is too coarse to tell)."""
+
+    def __init__(self, build, ladders, empty, allowed, metric, reference, labels, verifier,
+                 fit_batches):
+        self.build, self.ladders, self.empty, self.allowed = build, ladders, empty, allowed
+        self.metric, self.reference, self.labels = metric, reference, labels
+        self.verifier, self.fit_batches = verifier, fit_batches
+        self.baseline = metric.score(reference, reference, labels)
+        self.refit_checks = 0
+
+    def _score(self, model):
+        out = runtime.run(_session(model, self.verifier.provider), self.verifier.feeds)
+        return out, self.metric.score(self.reference, out, self.labels), \
+            runtime.compare_outputs(self.reference, out).worst_rel_l2
+
+    def __call__(self, assignment: dict, refit: bool = True) -> _Built:
+        model, records = _build(self.build, self.ladders, self.empty, assignment, self.allowed)
+        out, score, dist = self._score(model)
+        plain = _Built(dict(assignment), model, records, out, score, dist)
+        if not (refit and self.fit_batches and assignment):
+            return plain
+        from onnxlr.search.refit import refit_sequentially
+        self.refit_checks += 1
+        refitted, done = refit_sequentially(self.build.prepared, model, list(assignment),
+                                            self.fit_batches, provider=self.verifier.provider)
+        out2, score2, dist2 = self._score(refitted)
+        info = {"layers": len(done), "score_without": score, "score_with": score2,
+                "output_error_without": dist, "output_error_with": dist2,
+                "layer_errors": {r.layer: [r.before, r.after] for r in done}}
+        ok = self.baseline - score2 <= self.allowed + 1e-12
+        if ok and (dist2 < dist or score2 > score):
+            for rec in records:
+                if rec.name in info["layer_errors"]:
+                    rec.extra["refit_layer_error"] = info["layer_errors"][rec.name]
+            return _Built(dict(assignment), refitted, records, out2, score2, dist2,
+                          {**info, "kept": True})
+        plain.refit = {**info, "kept": False}
+        return plain
+
+    def feasible(self, built: _Built) -> bool:
+        return self.baseline - built.score <= self.allowed + 1e-12
+
+    def extend(self, steps, t: int, current: dict, *, target: bool) -> _Built | None:
+        """With the refit, the longest path prefix beyond ``t`` that holds the bound (by
+        bisection, each check one build + refit); None when none beats ``current``."""
+        best = self(current)
+        if not target or t >= len(steps) or not self.feasible(best):
+            return best
+        lo, hi, found = t, len(steps) + 1, None
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            trial = self(steps[mid - 1].as_dict())
+            if self.feasible(trial) and trial.refit.get("kept", True):
+                lo, found = mid, trial
+            else:
+                hi = mid
+        if found is not None and _saved(self.ladders, found.assignment) > \
+                _saved(self.ladders, best.assignment):
+            return found
+        return best
+
+
+def _saved(ladders, assignment) -> float:
+    from onnxlr.search.planner import predicted
+    return predicted(ladders, assignment)[0]
 
 
 def _samples(feeds) -> int:
