@@ -9,6 +9,7 @@ in by the planner from the gated graph.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ class Rung:
     macs: int
     weight_error: float | None
     local_error: float | None       # rel. L2 of the layer's own output on its real input
+                                    # (weights-only factors: they time the same)
     ms_before: float
     ms_after: float
     drop: float | None = None       # metric drop with this rung alone in the model
@@ -93,6 +95,12 @@ def build_ladders(build, feeds, timer: LayerTimer, *, multiple: int = 8, levels=
     ``alternatives``: {layer kind: method names} tried besides the configured method.
     """
     records = selected_layers(build)
+    # A chain's speed depends on its shapes, not its values: time (and Pareto-filter) the
+    # rungs with the weights-only factors, which cost a fraction of the data-aware ones; the
+    # data-aware factors are computed later only for the rungs that stay (the gated graph).
+    if timer.config.calibration:
+        timer = dataclasses.replace(
+            timer, config=dataclasses.replace(timer.config, calibration=None), factor_cache={})
     graph, nodes, values = layer_nodes_and_inputs(
         build.prepared, [r.name for r in records], feeds, provider=timer.provider)
     ladders, empty = [], {}
