@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"optimize": cmd_optimize, "inspect": cmd_inspect, "bench": cmd_bench}
         return commands[args.command](args)
     except OnnxlrError as exc:
-        print(f"onnxlr: error: {exc}", file=sys.stderr)
+        from onnxlr.escape import text
+        print(f"onnxlr: error: {text(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("onnxlr: interrupted; nothing was written", file=sys.stderr)

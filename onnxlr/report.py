@@ -40,6 +40,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from onnxlr import escape
 from onnxlr.records import FACTORISED, LayerRecord
 
 SCHEMA = "onnxlr.report/1"
@@ -374,13 +375,6 @@ def fmt_value(v: Any) -> str:
     return str(v)
 
 
-def printable(text: str) -> str:
-    """Control characters (terminal escape sequences from a hostile node name) shown as '?'."""
-    return "".join("?" if (ord(ch) < 32 or 127 <= ord(ch) < 160) else ch for ch in str(text))
-
-
-def md_cell(text: str) -> str:
-    """Text safe inside a Markdown table cell: pipes escaped, one line, no raw HTML."""
-    text = printable(str(text).replace("\n", " ").replace("\r", " "))
-    return (text.replace("\\", "\\\\").replace("|", "\\|").replace("&", "&amp;")
-            .replace("<", "&lt;").replace(">", "&gt;"))
+#: Model text in a terminal line / a Markdown cell: see :mod:`onnxlr.escape`.
+printable = escape.text
+md_cell = escape.markdown
