@@ -13,11 +13,24 @@ import logging
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxlr import validate
 from onnxlr.errors import OnnxlrError
 
 logger = logging.getLogger(__name__)
+_gs_logger = logging.getLogger("onnx_graphsurgeon")
+
+
+def _gs_log(message, severity, mode=None, stack_depth=2) -> None:  # noqa: ARG001
+    """onnx-graphsurgeon prints its messages to stdout, where a pipeline parses the report:
+    they go to Python logging (stderr) instead, at the same level."""
+    if _gs_logger.isEnabledFor(max(severity, logging.DEBUG)):
+        _gs_logger.log(max(severity, logging.DEBUG), "%s", message() if callable(message)
+                       else message)
+
+
+G_LOGGER.log = _gs_log
 
 
 #: Tensors smaller than this keep their values for shape inference (shape operands, axes).
