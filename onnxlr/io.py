@@ -118,11 +118,7 @@ def _open_inside(base: Path, location: str, what: str) -> int:
         raise
 
 
-def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+_physical_memory = validate.physical_memory
 
 
 def _load_external(model: onnx.ModelProto, path: Path) -> None:

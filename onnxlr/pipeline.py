@@ -18,7 +18,7 @@ import onnx
 
 from onnxlr import __version__
 from onnxlr.errors import OnnxlrError
-from onnxlr.graph import to_graph, to_model
+from onnxlr.graph import to_graph, to_model, type_problem
 from onnxlr.accept import accept_by_latency, end_to_end
 from onnxlr.io import check_model, load_model
 from onnxlr.latency import DEFAULT_MIN_LAYER_SPEEDUP
@@ -290,8 +290,21 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
         report.verify_inputs = verifier.description
     result = add_provenance(result, report)
     check_model(result, what="optimised model")
+    if not verify:
+        _check_loadable(original, result)
     report.seconds = time.perf_counter() - t0
     return result, report
+
+
+def _check_loadable(original: onnx.ModelProto, result: onnx.ModelProto) -> None:
+    """Unverified, the result is still never one ONNX Runtime cannot load, where that can be
+    told without running it: strict type inference must accept it whenever it accepts the
+    original."""
+    problem = type_problem(result)
+    if problem and type_problem(original) is None:
+        raise OnnxlrError(f"optimised model: ONNX type inference refuses it ({problem}), so "
+                          f"ONNX Runtime would not load it; nothing written (an onnxlr bug: "
+                          f"please report it)")
 
 
 def _timer(build: _Builder, provider, threads, latency_cache):
