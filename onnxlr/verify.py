@@ -112,7 +112,8 @@ class Verifier:
 
 
 def _labels(npz: str) -> np.ndarray | None:
-    with np.load(npz, allow_pickle=False) as data:
-        if "label" in data.files and data["label"].dtype.kind in "iu" and data["label"].ndim == 1:
-            return data["label"]
+    from onnxlr.arrays import load_npz
+    label = load_npz(npz, "inputs file").get("label")
+    if label is not None and label.dtype.kind in "iu" and label.ndim == 1:
+        return label
     return None
