@@ -141,6 +141,11 @@ def _validate(arrays: dict[str, Any], inputs: list[_Input], origin: str) -> dict
             raise OnnxlrError(f"calibration {origin}: inputs have different sample counts "
                               f"({count} and {arr.shape[0]} for {inp.name!r})")
         count = arr.shape[0]
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            sample = int(np.argwhere(~np.isfinite(arr))[0][0])
+            raise OnnxlrError(f"calibration {origin}: {inp.name!r} holds NaN or infinite "
+                              f"values (first in sample {sample}); calibration data must be "
+                              f"finite")
         out[inp.name] = arr.astype(inp.dtype, copy=False)
     label = arrays.get(LABEL)
     if label is not None and LABEL not in names:
