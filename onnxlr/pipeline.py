@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from typing import Callable
 
@@ -175,6 +176,12 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
         raise OnnxlrError("--max-error needs verification: drop --no-verify or use --max-error none")
     if rank_multiple < 1:
         raise OnnxlrError(f"invalid --rank-multiple {rank_multiple}: must be >= 1")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise OnnxlrError(f"invalid --batch {batch}: must be an integer >= 1")
+    if not (isinstance(cp_max_seconds, (int, float)) and math.isfinite(cp_max_seconds)
+            and cp_max_seconds > 0):
+        raise OnnxlrError(f"invalid --cp-max-seconds {cp_max_seconds}: must be a finite "
+                          f"number > 0")
     if accept not in ("error", "latency"):
         raise OnnxlrError(f"invalid --accept {accept!r}: choose error or latency")
     if accept == "latency" and not verify:
