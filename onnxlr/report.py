@@ -175,8 +175,9 @@ class Report:
 
     @property
     def shown(self) -> list[LayerRecord]:
-        """Records of candidate layers (activation MatMuls etc. are listed in JSON only)."""
-        return [r for r in self.records if r.kind is not None]
+        """Records of candidate and quantized layers (activation MatMuls etc. are listed in
+        JSON only)."""
+        return [r for r in self.records if r.kind is not None or r.extra.get("quantized")]
 
     def _has_alone(self) -> bool:
         return any(r.latency_before_ms or r.latency_after_ms for r in self.shown)
@@ -194,7 +195,7 @@ class Report:
         alone, profiled = self._has_alone(), bool(self.profile)
         for r in self.shown:
             row = [
-                r.name, r.op, "x".join(map(str, r.weight_shape)), r.method or "-",
+                r.name, r.op, "x".join(map(str, r.weight_shape)) or "-", r.method or "-",
                 "x".join(map(str, r.ranks)) if r.ranks and r.weight_error is not None else "-",
                 f"{human(r.params_before)}→{human(r.params_after if r.factorised else r.params_before)}",
                 f"{human(r.macs_before)}→{human(r.macs_after if r.factorised else r.macs_before)}",
