@@ -24,9 +24,10 @@ __all__ = ["html", "markdown", "text"]
 
 #: Unicode categories that are not shown as a glyph but change how text is read.
 _INVISIBLE = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
-#: Punctuation that starts Markdown inline syntax (code, emphasis, links, images, tables,
-#: strike-through, headings, GitHub's $math$); CommonMark renders ``\\X`` as a literal X.
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]()!|~#$])")
+#: Punctuation that starts Markdown inline syntax (code, emphasis, links and images — no
+#: ``](`` without an unescaped ``]`` —, tables, strike-through, headings, GitHub's $math$);
+#: CommonMark renders ``\\X`` as a literal X.
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]!|~#$])")
 #: A line that starts like a list item or quote would nest one.
 _MD_LEADING = re.compile(r"^(\s*[-+]|\s*\d+(?=[.)]))")
 
