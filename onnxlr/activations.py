@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -198,8 +199,13 @@ class HeldOut:
     path: str
     description: str
 
+    def __post_init__(self) -> None:
+        # whatever fails before the pipeline cleans up, the folder goes with this object
+        # (or at exit): it never outlives the run
+        self._remove = weakref.finalize(self, shutil.rmtree, os.path.dirname(self.path), True)
+
     def cleanup(self) -> None:
-        shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
+        self._remove()
 
 
 def _holdout_size(calib: Calibration, fraction: float = 0.2, cap: int = 256) -> int:
@@ -232,10 +238,10 @@ def calibrate(model: onnx.ModelProto, config: Any, source: Any, *, holdout: bool
             arrays[LABEL] = labels
         folder = tempfile.mkdtemp(prefix="onnxlr-holdout-")
         path = os.path.join(folder, "holdout.npz")
-        np.savez(path, **arrays)
         held = HeldOut(path, f"{rest.num_samples} held-out calibration samples from "
                              f"{calib.description} (the other {calib.num_samples} gave the "
                              f"layer statistics)")
+        np.savez(path, **arrays)
 
     def wanted(site: LayerSite) -> bool:
         return config.selected(site.name) is None and config.methods.get(site.kind) is not None
@@ -243,9 +249,14 @@ def calibrate(model: onnx.ModelProto, config: Any, source: Any, *, holdout: bool
     def step(done: int, total: int, what: str) -> None:  # the pipeline's (index, total, label)
         progress(done - 1, total, f"{what} samples")
 
-    config.calibration = collect_layer_stats(model, calib, select=wanted,
-                                             max_positions=max_positions, seed=seed,
-                                             provider=provider,
-                                             progress=step if progress else None,
-                                             skipped=config.calibration_notes)
+    try:
+        config.calibration = collect_layer_stats(model, calib, select=wanted,
+                                                 max_positions=max_positions, seed=seed,
+                                                 provider=provider,
+                                                 progress=step if progress else None,
+                                                 skipped=config.calibration_notes)
+    except BaseException:
+        if held is not None:
+            held.cleanup()
+        raise
     return held

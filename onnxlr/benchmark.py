@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper
 
+from onnxlr import escape
 from onnxlr.errors import OnnxlrError
 from onnxlr.io import load_model
 from onnxlr.report import human
@@ -166,20 +167,19 @@ class BenchResult:
                 f"machine: {self.machine}"]
 
     def to_text(self) -> str:
-        rows = [self.HEADER] + self._rows()
+        rows = [self.HEADER] + [[escape.text(c) for c in row] for row in self._rows()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(self.HEADER))]
         table = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                            for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
-        lines = self.header_lines() + [""] + table
+        lines = [escape.text(s) for s in self.header_lines()] + [""] + table
         if self.rss_method:
-            lines += ["", f"peak RSS: {self.rss_method}"]
-        lines += [f"note: {n}" for n in self.notes]
-        lines += [f"warning: {w}" for w in self.warnings]
+            lines += ["", f"peak RSS: {escape.text(self.rss_method)}"]
+        lines += [f"note: {escape.text(n)}" for n in self.notes]
+        lines += [f"warning: {escape.text(w)}" for w in self.warnings]
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
-        def cell(c: str) -> str:
-            return c.replace("|", "\\|").replace("\n", " ")
+        cell = escape.markdown
         table = ["| " + " | ".join(self.HEADER) + " |",
                  "|---|" + "---:|" * (len(self.HEADER) - 1)]
         table += ["| " + " | ".join(cell(c) for c in row) + " |" for row in self._rows()]

@@ -62,6 +62,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
+from onnxlr.arrays import check_regular, load_npy, load_npz
 from onnxlr.errors import OnnxlrError
 from onnxlr.linalg.whiten import LayerStats
 
@@ -140,6 +141,11 @@ def _validate(arrays: dict[str, Any], inputs: list[_Input], origin: str) -> dict
             raise OnnxlrError(f"calibration {origin}: inputs have different sample counts "
                               f"({count} and {arr.shape[0]} for {inp.name!r})")
         count = arr.shape[0]
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            sample = int(np.argwhere(~np.isfinite(arr))[0][0])
+            raise OnnxlrError(f"calibration {origin}: {inp.name!r} holds NaN or infinite "
+                              f"values (first in sample {sample}); calibration data must be "
+                              f"finite")
         out[inp.name] = arr.astype(inp.dtype, copy=False)
     label = arrays.get(LABEL)
     if label is not None and LABEL not in names:
@@ -150,20 +156,11 @@ def _validate(arrays: dict[str, Any], inputs: list[_Input], origin: str) -> dict
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise OnnxlrError(f"cannot read calibration file {path}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return load_npz(path, "calibration file")  # headers checked before anything is allocated
 
 
 def _read_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise OnnxlrError(f"cannot read calibration file {path}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return load_npy(path, "calibration file")
 
 
 def _file_chunk(loader: Callable[[], dict[str, np.ndarray]], inputs: list[_Input],
@@ -175,7 +172,7 @@ def _file_chunk(loader: Callable[[], dict[str, np.ndarray]], inputs: list[_Input
 
 
 def _folder_chunks(folder: Path, inputs: list[_Input]) -> list[_Chunk]:
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".npz") and p.is_file())
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".npz") and not p.is_dir())
     if not files:
         raise OnnxlrError(f"calibration folder {folder} has no .npy or .npz files")
     names = {i.name for i in inputs}
@@ -352,10 +349,9 @@ def load_calibration(source: Any, model: onnx.ModelProto, *, max_samples: int | 
         path = Path(source)
         if path.is_dir():
             chunks = _folder_chunks(path, inputs)
-        elif path.is_file():
-            chunks = [_file_chunk(lambda: _read_npz(path), inputs, f"file {path}")]
         else:
-            raise OnnxlrError(f"calibration data {path} does not exist")
+            check_regular(path, "calibration data")  # a FIFO is refused, not waited on
+            chunks = [_file_chunk(lambda: _read_npz(path), inputs, f"file {path}")]
         description = str(path)
     elif isinstance(source, dict):
         chunks = _iterable_chunks([source], inputs, max_samples)

@@ -11,7 +11,8 @@ value (``data-value`` carries the number it was drawn from).
 from __future__ import annotations
 
 import math
-from html import escape
+
+from onnxlr import escape
 
 #: Okabe–Ito colours (distinguishable with colour-vision deficiencies), then a few more.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
@@ -20,13 +21,8 @@ BEFORE, AFTER, OTHER_COLOR, GOOD, BAD = "#a3acb9", "#0f766e", "#d5d9e0", "#15803
 FONT = 12
 
 
-_CONTROL = {i: "?" for i in [*range(0, 9), 11, 12, *range(14, 32), *range(127, 160)]}
-
-
-def esc(value) -> str:
-    """Text or attribute value, escaped (``<``, ``>``, ``&``, quotes); control characters,
-    which XML forbids and terminals interpret, become '?'."""
-    return escape(str(value).translate(_CONTROL), quote=True)
+#: Text or attribute value, escaped for HTML/SVG (:func:`onnxlr.escape.html`).
+esc = escape.html
 
 
 def num(v: float | None, digits: int = 3) -> str:

@@ -14,15 +14,7 @@ from pathlib import Path
 
 from onnxlr import __version__
 from onnxlr.errors import BoundExceeded, OnnxlrError
-
-
-def _max_error(value: str) -> float | None:
-    if value.lower() in ("none", "off"):
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {value!r}") from None
+from onnxlr.options import count, number
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -34,7 +26,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                         + ". Or alone: prune (channel pruning, needs --calib) | thin (SOMP, "
                         "data-free; least squares with --calib), where --rank 0.5 keeps half "
                         "the channels. Default: auto")
-    p.add_argument("--rank-multiple", type=int, default=1, metavar="N",
+    p.add_argument("--rank-multiple", type=count(1), default=1, metavar="N",
                    help="round ranks up to a multiple of N (8 or 16 run faster on most hardware)")
 
 
@@ -56,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="never factorise layers whose node name matches (repeatable)")
     p.add_argument("--layer-rank", action="append", default=[], metavar="GLOB=RANK",
                    help="a rank rule for matching layers, e.g. 'conv5_*=16' (repeatable)")
-    p.add_argument("--max-error", type=_max_error, default=0.05, metavar="X",
+    p.add_argument("--max-error", type=number(above=0, none=True), default=0.05, metavar="X",
                    help="bound on each output's relative L2 error vs the original "
                         "(default 0.05; 'none' disables)")
     p.add_argument("--on-exceed", choices=("revert", "fail"), default="revert",
@@ -69,12 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration inputs (.npz keyed by input name, first axis = samples, or a "
                         "folder of .npy/.npz): data-aware factorisation; without --inputs, "
                         "verification uses held-out calibration samples")
-    p.add_argument("--calib-samples", type=int, default=None, metavar="N",
+    p.add_argument("--calib-samples", type=count(1), default=None, metavar="N",
                    help="use at most N calibration samples")
-    p.add_argument("--batch", type=int, default=1, help="batch size for random inputs (default 1)")
+    p.add_argument("--batch", type=count(1), default=1, help="batch size for random inputs (default 1)")
     p.add_argument("--no-verify", action="store_true",
                    help="do not run ONNX Runtime (needs --max-error none)")
-    p.add_argument("--cp-max-seconds", type=float, default=60.0,
+    p.add_argument("--cp-max-seconds", type=number(above=0), default=60.0,
                    help="time bound for one CP decomposition (default 60)")
     p.add_argument("--metric", default=None, metavar="NAME|FILE.py:FN|MODULE:FN",
                    help="judge by what you measure and search every layer's candidates for "
@@ -89,28 +81,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", metavar="NPZ", default=None,
                    help="with --metric: inputs (and 'label') the search never sees; the "
                         "metric of the original and the result on them is reported")
-    p.add_argument("--timing-batch", type=int, default=None, metavar="N",
+    p.add_argument("--timing-batch", type=count(1), default=None, metavar="N",
                    help="with --metric: time layers and the whole model on the first N "
                         "verification samples (default: all of them, at most 64)")
     p.add_argument("--accept", choices=("error", "latency"), default="error",
                    help="error: keep what meets --max-error (default); latency: also time each "
                         "layer alone and keep it only if faster, and never return a model "
                         "measured slower than the input")
-    p.add_argument("--min-layer-speedup", type=float, default=1.05, metavar="X",
+    p.add_argument("--min-layer-speedup", type=number(above=0), default=1.05, metavar="X",
                    help="with --accept latency: a layer must run X times faster alone "
                         "(default 1.05)")
     p.add_argument("--provider", default="cpu",
                    help="ONNX Runtime provider for verification and timing: cpu | cuda | "
                         "tensorrt (default cpu)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=count(1), default=None,
                    help="intra-op threads for verification and timing (default: ORT's)")
     p.add_argument("--latency-cache", default="default", metavar="PATH",
                    help="JSON cache of layer timings (default ~/.cache/onnxlr/latency.json; "
                         "'none' keeps it in memory)")
-    p.add_argument("--target-flops", type=float, default=None, metavar="F",
+    p.add_argument("--target-flops", type=number(above=0), default=None, metavar="F",
                    help="budget: MACs of the candidate layers at most F x before (e.g. 0.5); "
                         "ranks are allocated across layers by measured sensitivity")
-    p.add_argument("--target-speedup", type=float, default=None, metavar="S",
+    p.add_argument("--target-speedup", type=number(above=0), default=None, metavar="S",
                    help="budget: the whole model S times faster (e.g. 2.0), from layer timings")
     p.add_argument("--no-latency", action="store_true",
                    help="skip the end-to-end latency measurement at the end")
@@ -128,14 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
                                       "speed-up vs the first")
     p.add_argument("models", nargs="+", help=".onnx files; the first is the baseline")
     p.add_argument("--provider", default="cpu", help="cpu | cuda | tensorrt (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ORT's)")
-    p.add_argument("--batch", type=int, default=1, help="batch size for a dynamic leading dim")
+    p.add_argument("--threads", type=count(1), default=None, help="intra-op threads (default: ORT's)")
+    p.add_argument("--batch", type=count(1), default=1, help="batch size for a dynamic leading dim")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224")
     p.add_argument("--inputs", metavar="NPZ", help=".npz of real inputs keyed by input name")
     p.add_argument("--opt-level", default="all", help="disable | basic | extended | all")
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--iterations", type=int, default=100, help="interleaved rounds")
-    p.add_argument("--max-seconds", type=float, default=None, help="stop early after this long")
+    p.add_argument("--warmup", type=count(0), default=10)
+    p.add_argument("--iterations", type=count(1), default=100, help="interleaved rounds")
+    p.add_argument("--max-seconds", type=number(above=0), default=None, help="stop early after this long")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.add_argument("--markdown", metavar="PATH", help="also write the result as Markdown")
     return parser
@@ -143,8 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_bench(args) -> int:
     from onnxlr.benchmark import benchmark
+    from onnxlr.paths import check_bench
     from onnxlr.runtime import parse_input_shapes
 
+    reads = check_bench(args.models, args.inputs,
+                        [("--json", args.json), ("--markdown", args.markdown)])
     result = benchmark(args.models, provider=args.provider, threads=args.threads,
                        batch=args.batch, input_shapes=parse_input_shapes(args.input_shape) or None,
                        opt_level=args.opt_level, warmup=args.warmup, iterations=args.iterations,
@@ -152,7 +147,7 @@ def cmd_bench(args) -> int:
     print(result.to_text())
     for path, text in ((args.json, result.to_json), (args.markdown, result.to_markdown)):
         if path:
-            _write_text(Path(path), text(), protect=args.models)
+            _write_text(Path(path), text(), protect=reads)
     return 0
 
 
@@ -180,12 +175,9 @@ def _progress(i: int, total: int, name: str) -> None:
 _REPORTS = {".json": "to_json", ".md": "to_markdown", ".html": "to_html", ".htm": "to_html"}
 
 
-def _rejected_path(output: Path) -> Path:
-    return output.with_name(output.stem + ".rejected" + (output.suffix or ".onnx"))
-
-
 def cmd_optimize(args) -> int:
     from onnxlr.io import same_file, save_model
+    from onnxlr.paths import check_optimize, rejected_path
     from onnxlr.pipeline import optimize
     from onnxlr.runtime import parse_input_shapes
 
@@ -195,6 +187,11 @@ def cmd_optimize(args) -> int:
     for path in args.report:
         if Path(path).suffix.lower() not in _REPORTS:
             raise OnnxlrError(f"{path}: unknown report format (use .json, .md or .html)")
+    # every read and write checked before any work: no output onto an input, none unwritable
+    reads = check_optimize(args.model, args.output, args.report, inputs=args.inputs,
+                           calib=args.calib, metric=args.metric, evaluate=args.eval,
+                           latency_cache=None if args.latency_cache.lower() in ("none", "default")
+                           else args.latency_cache)
     shapes = parse_input_shapes(args.input_shape) if args.input_shape else None
     model, report = optimize(
         args.model, args.method, args.rank, rank_multiple=args.rank_multiple,
@@ -211,11 +208,11 @@ def cmd_optimize(args) -> int:
         evaluate=args.eval,
         profile=args.profile)
     print(report.to_text())
-    target = out if report.bound_met is not False else _rejected_path(out)
-    save_model(model, target, protect=[args.model])
+    target = out if report.bound_met is not False else rejected_path(out)
+    save_model(model, target, protect=reads)
     for path in args.report:
         text = getattr(report, _REPORTS[Path(path).suffix.lower()])()
-        _write_text(Path(path), text, protect=[args.model, target])
+        _write_text(Path(path), text, protect=[*reads, target])
     if report.bound_met is False and report.search:
         s = report.search
         raise BoundExceeded(f"metric {s['metric']} dropped {s['drop']:.4g}, over --max-drop "
@@ -234,13 +231,18 @@ def _write_text(path: Path, text: str, protect) -> None:
     from onnxlr.io import same_file
     if any(same_file(path, p) for p in protect):
         raise OnnxlrError(f"{path}: report path would overwrite a model")
-    fd, tmp = tempfile.mkstemp(prefix=".onnxlr-", dir=path.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".onnxlr-", dir=path.parent or ".")
+    except OSError as exc:
+        raise OnnxlrError(f"{path}: cannot write ({exc.strerror})") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OnnxlrError(f"{path}: cannot write ({exc.strerror})") from None
         raise
 
 
@@ -278,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"optimize": cmd_optimize, "inspect": cmd_inspect, "bench": cmd_bench}
         return commands[args.command](args)
     except OnnxlrError as exc:
-        print(f"onnxlr: error: {exc}", file=sys.stderr)
+        from onnxlr.escape import text
+        print(f"onnxlr: error: {text(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("onnxlr: interrupted; nothing was written", file=sys.stderr)

@@ -13,11 +13,24 @@ import logging
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxlr import validate
 from onnxlr.errors import OnnxlrError
 
 logger = logging.getLogger(__name__)
+_gs_logger = logging.getLogger("onnx_graphsurgeon")
+
+
+def _gs_log(message, severity, mode=None, stack_depth=2) -> None:  # noqa: ARG001
+    """onnx-graphsurgeon prints its messages to stdout, where a pipeline parses the report:
+    they go to Python logging (stderr) instead, at the same level."""
+    if _gs_logger.isEnabledFor(max(severity, logging.DEBUG)):
+        _gs_logger.log(max(severity, logging.DEBUG), "%s", message() if callable(message)
+                       else message)
+
+
+G_LOGGER.log = _gs_log
 
 
 #: Tensors smaller than this keep their values for shape inference (shape operands, axes).
@@ -52,6 +65,26 @@ def _inferred(model: onnx.ModelProto) -> onnx.ModelProto | None:
         text = str(exc).strip().splitlines()
         logger.warning("shape inference failed: %s", text[0] if text else type(exc).__name__)
         return None
+
+
+def type_problem(model: onnx.ModelProto) -> str | None:
+    """What strict ONNX type and shape inference refuses in ``model``, or None.
+
+    A model it refuses (a Conv whose weight and input differ in dtype, say) is one ONNX
+    Runtime will not load either: when the result is not verified this is the check that
+    still runs. On a weightless copy, like :func:`_inferred`.
+    """
+    probe, _ = validate.light_copy(model, keep_below=_SHAPE_DATA_BYTES)
+    for sparse in probe.graph.sparse_initializer:  # inference reads only dense initializers
+        probe.graph.initializer.add(name=sparse.values.name, data_type=sparse.values.data_type,
+                                    dims=sparse.dims)
+    del probe.graph.sparse_initializer[:]
+    try:
+        onnx.shape_inference.infer_shapes(probe, check_type=True, strict_mode=True)
+    except Exception as exc:  # InferenceError, or whatever the C++ side throws on odd input
+        text = str(exc).strip().splitlines()
+        return text[0] if text else type(exc).__name__
+    return None
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -104,6 +137,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
         text = str(exc).strip().splitlines()
         raise OnnxlrError(f"cannot read the graph: {text[0] if text else type(exc).__name__}") \
             from None
+    _densify_sparse(graph)
     inferred = _inferred(model)
     if inferred is not None:
         _apply_shapes(graph, inferred)
@@ -113,6 +147,32 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
         if len(names) != len(graph.inputs) and all(n in tensors for n in names):
             graph.inputs = [tensors[n] for n in names]
     return graph
+
+
+def _densify_sparse(graph: gs.Graph) -> None:
+    """Sparse initializers become dense constants of their own dtype, here.
+
+    onnx-graphsurgeon would densify them itself when first read, as float64 (ORT then
+    refuses the model) and from typed fields only. Their dims were checked by
+    :func:`onnxlr.validate.check_tensors` before this allocates them.
+    """
+    from onnx import numpy_helper
+    from onnx_graphsurgeon.ir.tensor import SparseValues
+
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for tensor in g.tensors().values():
+            lazy = getattr(tensor, "_values", None)
+            if not isinstance(lazy, SparseValues):
+                continue
+            sparse = lazy.tensor
+            values = numpy_helper.to_array(sparse.values)
+            dense = np.zeros(tuple(sparse.dims), dtype=values.dtype)
+            if values.size:
+                index = numpy_helper.to_array(sparse.indices).reshape(values.size, -1)
+                flat = index[:, 0] if index.shape[1] == 1 else np.ravel_multi_index(
+                    tuple(index.T), dense.shape)
+                dense.reshape(-1)[flat] = values
+            tensor.values = dense
 
 
 def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:

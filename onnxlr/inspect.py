@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from onnxlr import escape
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import to_graph
 from onnxlr.methods import METHODS, parse_method
@@ -76,12 +77,6 @@ def inspect_model(model: onnx.ModelProto, method: str = "auto", rules=RULES,
     return views
 
 
-def _cell(text: str) -> str:
-    """A table cell from model-controlled text: control characters escaped, so a node name
-    cannot start a new line or send terminal escape sequences."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-
-
 def format_views(views: list[LayerView], rules=RULES) -> str:
     total = sum(v.macs for v in views) or 1
     header = ["layer", "op", "weight", "params", "MACs", "share", "method"] + list(rules)
@@ -98,6 +93,6 @@ def format_views(views: list[LayerView], rules=RULES) -> str:
             else:
                 row.append(f"{'x'.join(map(str, c[0]))} ({c[1]:.2f}x MACs)")
         rows.append(row)
-    rows = [[_cell(c) for c in row] for row in rows]
+    rows = [[escape.text(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

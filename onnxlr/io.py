@@ -51,6 +51,26 @@ def check_external_location(location: str, base_dir: Path, *, what: str) -> Path
     """
     if not location:
         raise OnnxlrError(f"{what}: external data with an empty location")
+    shown = validate.quote(location)
+    if "\0" in location:
+        raise OnnxlrError(f"{what}: external data location {shown} contains a NUL byte; refused")
+    if len(location.encode("utf-8", "surrogatepass")) > _PATH_MAX or any(
+            len(part.encode("utf-8", "surrogatepass")) > _NAME_MAX
+            for part in location.replace("\\", "/").split("/")):
+        raise OnnxlrError(f"{what}: external data location {shown} is longer than a file "
+                          f"name may be; refused")
+    try:
+        return _check_location(location, base_dir, what=what, shown=shown)
+    except (OSError, ValueError) as exc:  # whatever the OS makes of an odd name: one line
+        raise OnnxlrError(f"{what}: external data location {shown} cannot be used "
+                          f"({getattr(exc, 'strerror', None) or exc})") from None
+
+
+#: Longest path and file name onnxlr accepts as an external-data location (POSIX's usual).
+_PATH_MAX, _NAME_MAX = 4096, 255
+
+
+def _check_location(location: str, base_dir: Path, *, what: str, shown: str) -> Path:
     loc = Path(location)
     if loc.is_absolute() or location.startswith(("/", "\\")) or ":" in location:
         raise OnnxlrError(f"{what}: external data location {location!r} is absolute; refused")
@@ -68,7 +88,10 @@ def check_external_location(location: str, base_dir: Path, *, what: str) -> Path
     if base not in resolved.parents:
         raise OnnxlrError(f"{what}: external data location {location!r} resolves outside "
                           f"the model's folder; refused")
-    if resolved.exists() and resolved.is_file() and os.stat(resolved).st_nlink > 1:
+    if resolved.exists() and not resolved.is_file():
+        kind = "a folder" if resolved.is_dir() else "not a regular file"
+        raise OnnxlrError(f"{what}: external data location {shown} is {kind}; refused")
+    if resolved.exists() and os.stat(resolved).st_nlink > 1:
         raise OnnxlrError(f"{what}: external data file {location!r} is a hard link; refused")
     return resolved
 
@@ -91,18 +114,25 @@ def _open_inside(base: Path, location: str, what: str) -> int:
 
     ``check_external_location`` looked at the path; this opens it component by
     component with ``O_NOFOLLOW`` relative to the folder already opened, so a
-    link swapped in between the check and the open is refused too.
+    link swapped in between the check and the open is refused too. The file itself
+    is ``stat``-ed first and opened with ``O_NONBLOCK``: a FIFO or device is refused,
+    never waited on.
     """
     nofollow = getattr(os, "O_NOFOLLOW", 0)
+    nonblock = getattr(os, "O_NONBLOCK", 0)
     parts = Path(location).parts
     if os.open not in os.supports_dir_fd or not nofollow:  # e.g. Windows: the path check is all
-        return os.open(base / location, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        _require_regular(os.stat(base / location), location, what)
+        return os.open(base / location, os.O_RDONLY | nonblock | getattr(os, "O_BINARY", 0))
     fd = os.open(base, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
-            flags = os.O_RDONLY | nofollow | (0 if last else getattr(os, "O_DIRECTORY", 0))
+            flags = os.O_RDONLY | nofollow | (nonblock if last else getattr(os, "O_DIRECTORY", 0))
             try:
+                if last:
+                    _require_regular(os.stat(part, dir_fd=fd, follow_symlinks=False), location,
+                                     what)
                 nxt = os.open(part, flags, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
@@ -118,11 +148,16 @@ def _open_inside(base: Path, location: str, what: str) -> int:
         raise
 
 
-def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+_physical_memory = validate.physical_memory
+
+
+def _require_regular(st: os.stat_result, location: str, what: str) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        raise OnnxlrError(f"{what}: external data location {location!r} goes through a "
+                          f"symlink; refused")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise OnnxlrError(f"{what}: external data {location!r} is {kind}; refused")
 
 
 def _load_external(model: onnx.ModelProto, path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from typing import Callable
 
@@ -18,7 +19,7 @@ import onnx
 
 from onnxlr import __version__
 from onnxlr.errors import OnnxlrError
-from onnxlr.graph import to_graph, to_model
+from onnxlr.graph import to_graph, to_model, type_problem
 from onnxlr.accept import accept_by_latency, end_to_end
 from onnxlr.io import check_model, load_model
 from onnxlr.latency import DEFAULT_MIN_LAYER_SPEEDUP
@@ -140,6 +141,12 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
         raise OnnxlrError("--max-error needs verification: drop --no-verify or use --max-error none")
     if rank_multiple < 1:
         raise OnnxlrError(f"invalid --rank-multiple {rank_multiple}: must be >= 1")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise OnnxlrError(f"invalid --batch {batch}: must be an integer >= 1")
+    if not (isinstance(cp_max_seconds, (int, float)) and math.isfinite(cp_max_seconds)
+            and cp_max_seconds > 0):
+        raise OnnxlrError(f"invalid --cp-max-seconds {cp_max_seconds}: must be a finite "
+                          f"number > 0")
     if accept not in ("error", "latency"):
         raise OnnxlrError(f"invalid --accept {accept!r}: choose error or latency")
     if accept == "latency" and not verify:
@@ -258,6 +265,8 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
         report.verify_inputs = verifier.description
     result = add_provenance(result, report)
     check_model(result, what="optimised model")
+    if not verify:
+        _check_loadable(original, result)
     report.seconds = time.perf_counter() - t0
     return result, report
 
@@ -277,6 +286,17 @@ def _fit_batches(prepared, calib, calib_samples, heldout) -> list[dict] | None:
     if heldout is not None:
         source = source.split(_holdout_size(source, 0.5, 512))[0]
     return list(source.head(min(REFIT_SAMPLES, source.num_samples)))
+
+
+def _check_loadable(original: onnx.ModelProto, result: onnx.ModelProto) -> None:
+    """Unverified, the result is still never one ONNX Runtime cannot load, where that can be
+    told without running it: strict type inference must accept it whenever it accepts the
+    original."""
+    problem = type_problem(result)
+    if problem and type_problem(original) is None:
+        raise OnnxlrError(f"optimised model: ONNX type inference refuses it ({problem}), so "
+                          f"ONNX Runtime would not load it; nothing written (an onnxlr bug: "
+                          f"please report it)")
 
 
 def _timer(build: _Builder, provider, threads, latency_cache):

@@ -40,6 +40,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from onnxlr import escape
 from onnxlr.records import FACTORISED, LayerRecord
 
 SCHEMA = "onnxlr.report/1"
@@ -174,8 +175,9 @@ class Report:
 
     @property
     def shown(self) -> list[LayerRecord]:
-        """Records of candidate layers (activation MatMuls etc. are listed in JSON only)."""
-        return [r for r in self.records if r.kind is not None]
+        """Records of candidate and quantized layers (activation MatMuls etc. are listed in
+        JSON only)."""
+        return [r for r in self.records if r.kind is not None or r.extra.get("quantized")]
 
     def _has_alone(self) -> bool:
         return any(r.latency_before_ms or r.latency_after_ms for r in self.shown)
@@ -193,7 +195,7 @@ class Report:
         alone, profiled = self._has_alone(), bool(self.profile)
         for r in self.shown:
             row = [
-                r.name, r.op, "x".join(map(str, r.weight_shape)), r.method or "-",
+                r.name, r.op, "x".join(map(str, r.weight_shape)) or "-", r.method or "-",
                 "x".join(map(str, r.ranks)) if r.ranks and r.weight_error is not None else "-",
                 f"{human(r.params_before)}→{human(r.params_after if r.factorised else r.params_before)}",
                 f"{human(r.macs_before)}→{human(r.macs_after if r.factorised else r.macs_before)}",
@@ -378,13 +380,6 @@ def fmt_value(v: Any) -> str:
     return str(v)
 
 
-def printable(text: str) -> str:
-    """Control characters (terminal escape sequences from a hostile node name) shown as '?'."""
-    return "".join("?" if (ord(ch) < 32 or 127 <= ord(ch) < 160) else ch for ch in str(text))
-
-
-def md_cell(text: str) -> str:
-    """Text safe inside a Markdown table cell: pipes escaped, one line, no raw HTML."""
-    text = printable(str(text).replace("\n", " ").replace("\r", " "))
-    return (text.replace("\\", "\\\\").replace("|", "\\|").replace("&", "&amp;")
-            .replace("<", "&lt;").replace(">", "&gt;"))
+#: Model text in a terminal line / a Markdown cell: see :mod:`onnxlr.escape`.
+printable = escape.text
+md_cell = escape.markdown

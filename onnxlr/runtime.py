@@ -195,11 +195,8 @@ def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | Non
 
 def _load_npz(path: str, inputs: list[onnx.ValueInfoProto],
               shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise OnnxlrError(f"cannot read inputs file {path}: {exc}") from None
+    from onnxlr.arrays import load_npz
+    arrays = load_npz(path, "inputs file")  # headers checked before anything is allocated
     missing = [v.name for v in inputs if v.name not in arrays]
     if missing:
         raise OnnxlrError(f"inputs file {path} lacks array(s) for input(s) "

@@ -97,6 +97,17 @@ def _float_weight(value: np.ndarray | None, tensor: gs.Tensor | None = None) -> 
     return None
 
 
+def is_quantized(node: gs.Node) -> bool:
+    """A quantized layer (QLinearConv, ..., or a float layer whose weight DequantizeLinear
+    makes at run time): declined, but a layer the reports list, unlike activation MatMuls."""
+    if node.op in QUANTIZED_OPS:
+        return True
+    if node.op in ("Gemm", "MatMul", "Conv") and len(node.inputs) > 1:
+        producers = node.inputs[1].inputs
+        return len(producers) == 1 and producers[0].op == "DequantizeLinear"
+    return False
+
+
 def find_site(node: gs.Node, graph: gs.Graph | None = None) -> LayerSite | str:
     """Match one node: a :class:`LayerSite`, or the reason it cannot be factorised.
 
@@ -241,6 +252,8 @@ def nested_layer_records(graph: gs.Graph) -> list:
                     record.macs_before = record.macs_after = site.macs
                 else:
                     why += f" ({site})"
+                    if is_quantized(inner):
+                        record.extra["quantized"] = True
                 record.reason = f"inside {where}: {why}"
                 out.append(record)
     return out

@@ -23,6 +23,7 @@ Why this module exists (``onnx.checker`` alone is not enough):
 from __future__ import annotations
 
 import math
+import os
 from typing import Iterator
 
 import onnx
@@ -129,13 +130,90 @@ def all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
     return external_data_helper._get_all_tensors(model)
 
 
+def physical_memory() -> int | None:
+    """This machine's memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def sparse_tensors(model: onnx.ModelProto) -> Iterator[onnx.SparseTensorProto]:
+    """Sparse initializers and sparse tensor attributes, in subgraphs and functions too."""
+    graphs = [model.graph]
+    nodes = [n for f in model.functions for n in f.node]
+    while graphs or nodes:
+        if graphs:
+            graph = graphs.pop()
+            yield from graph.sparse_initializer
+            nodes.extend(graph.node)
+            continue
+        for attr in nodes.pop().attribute:
+            if attr.HasField("sparse_tensor"):
+                yield attr.sparse_tensor
+            yield from attr.sparse_tensors
+            if attr.HasField("g"):
+                graphs.append(attr.g)
+            graphs.extend(attr.graphs)
+
+
+def sparse_problem(sparse: onnx.SparseTensorProto) -> str | None:
+    """Why a sparse tensor cannot be made dense safely (a lying or oversized header), or None.
+
+    Checked before anything densifies it (onnx-graphsurgeon allocates what ``dims`` says):
+    dims, the values/indices layout ONNX defines, indices inside the dense shape.
+    """
+    values, indices = sparse.values, sparse.indices
+    name = quote(values.name)
+    dims = [int(d) for d in sparse.dims]
+    if any(d < 0 for d in dims):
+        return f"sparse tensor {name} declares a negative dimension ({dims})"
+    problem = tensor_problem(values) or tensor_problem(indices)
+    if problem:
+        return f"sparse tensor {name}: {problem}"
+    if values.data_location == TensorProto.EXTERNAL or indices.data_location == TensorProto.EXTERNAL:
+        return None  # checked once loaded (onnxlr.io)
+    nnz = declared_elements(values) if len(values.dims) == 1 else -1
+    if nnz < 0:
+        return f"sparse tensor {name}: values must be 1-D, not {list(values.dims)}"
+    if indices.data_type != TensorProto.INT64:
+        return f"sparse tensor {name}: indices must be int64"
+    layout = [int(d) for d in indices.dims]
+    if layout not in ([nnz], [nnz, len(dims)]) and not (nnz == 0 and not layout):
+        return (f"sparse tensor {name}: indices of shape {layout} for {nnz} values of a "
+                f"{len(dims)}-D tensor (expected [{nnz}] or [{nnz}, {len(dims)}])")
+    if nnz:
+        from onnx import numpy_helper
+        idx = numpy_helper.to_array(indices).reshape(nnz, -1)
+        bounds = [math.prod(dims)] if idx.shape[1] == 1 else dims
+        if (idx < 0).any() or (idx >= bounds).any():
+            return f"sparse tensor {name}: an index lies outside its shape {dims}"
+    return None
+
+
+def _check_sparse(model: onnx.ModelProto, what: str) -> None:
+    total = 0
+    for sparse in sparse_tensors(model):
+        problem = sparse_problem(sparse)
+        if problem:
+            raise OnnxlrError(f"{what}: {problem}")
+        dense = TensorProto(data_type=sparse.values.data_type, dims=sparse.dims)
+        total += declared_bytes(dense) or 0
+    memory = physical_memory()
+    if memory is not None and total > memory // 2:
+        raise OnnxlrError(f"{what}: its sparse tensors declare {total} bytes once dense, more "
+                          f"than half this machine's memory ({memory} bytes); refused")
+
+
 def check_tensors(model: onnx.ModelProto, *, what: str) -> None:
-    """Refuse any tensor whose declared size disagrees with its data, naming it.
+    """Refuse any tensor whose declared size disagrees with its data, naming it; sparse
+    tensors whose dense form would be inconsistent or too big for this machine.
 
     Raises:
         OnnxlrError: a lying header, or a tensor whose data lives in an external
             file that was never loaded (load the model with ``onnxlr.io.load_model``).
     """
+    _check_sparse(model, what)
     for tensor in all_tensors(model):
         problem = tensor_problem(tensor)
         if problem:

@@ -17,6 +17,7 @@ import onnx
 
 from onnxlr import runtime, validate
 from onnxlr.errors import OnnxlrError
+from onnxlr.search.metrics import check_reference
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,11 @@ class Verifier:
             raise
         except OnnxlrError as exc:
             raise _unavailable(str(exc)) from None
+        source = npz or f"random inputs (batch {batch})"
+        try:  # outputs that are empty or all NaN would score any candidate as error 0
+            check_reference(self.reference)
+        except OnnxlrError as exc:
+            raise OnnxlrError(f"{source}: {exc}") from None
         shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in self.feeds.items())
         self.labels = _labels(npz) if npz else None
         self.description = (f"{'inputs from ' + npz if npz else f'seeded random inputs (seed {seed})'}"
@@ -112,7 +118,8 @@ class Verifier:
 
 
 def _labels(npz: str) -> np.ndarray | None:
-    with np.load(npz, allow_pickle=False) as data:
-        if "label" in data.files and data["label"].dtype.kind in "iu" and data["label"].ndim == 1:
-            return data["label"]
+    from onnxlr.arrays import load_npz
+    label = load_npz(npz, "inputs file").get("label")
+    if label is not None and label.dtype.kind in "iu" and label.ndim == 1:
+        return label
     return None

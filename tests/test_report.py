@@ -138,7 +138,7 @@ def test_text_shows_latency_columns_efficiency_and_no_control_characters():
     assert "2→0.5 (4.00x)" in text          # inside the model (profile)
     assert "efficiency" in text and "measured speed-up 1.50x" in text
     assert "budget: target_speedup 2" in text
-    assert "\x1b" not in text and "no method?[31m selected" in text
+    assert "\x1b" not in text and "no method\\x1b[31m selected" in text
     assert "act_matmul" not in text          # not a candidate: JSON only
     plain = empty_report().to_text()
     assert "alone ms" not in plain and "in-model ms" not in plain and "efficiency" not in plain

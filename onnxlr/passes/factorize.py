@@ -22,7 +22,7 @@ from onnxlr.methods.base import overflow_reason
 from onnxlr.passes.base import Pass, PassResult
 from onnxlr.rank import RankSelector
 from onnxlr.records import DECLINED, FACTORISED, LayerRecord
-from onnxlr.sites import QUANTIZED_OPS, LayerSite, find_site, nested_layer_records
+from onnxlr.sites import QUANTIZED_OPS, LayerSite, find_site, is_quantized, nested_layer_records
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,8 @@ class Factorize(Pass):
         site = find_site(node, graph)
         if isinstance(site, str):
             record.reason = site
+            if is_quantized(node):
+                record.extra["quantized"] = True  # listed in every report, not only JSON
             return record
         record.kind = site.kind
         record.weight_shape = tuple(int(d) for d in site.weight.shape)
