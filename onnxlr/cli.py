@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from onnxlr import __version__
-from onnxlr.errors import BoundExceeded, OnnxlrError
+from onnxlr.errors import BoundExceeded, OnnxlrError, TargetMissed
 from onnxlr.options import count, number
 
 
@@ -30,15 +30,33 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="round ranks up to a multiple of N (8 or 16 run faster on most hardware)")
 
 
+def _verbosity(p: argparse.ArgumentParser, top: bool) -> None:
+    """-v/-q before or after the subcommand (``onnxlr -v optimize`` = ``onnxlr optimize -v``)."""
+    default = False if top else argparse.SUPPRESS
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="log what each step does")
+    p.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="errors only on stderr, no progress; the report shrinks to its headline")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnxlr", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"onnxlr {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    _verbosity(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+
+    def add_parser(*a, **k):
+        sp = _add_parser(*a, **k)
+        _verbosity(sp, top=False)
+        return sp
+    sub.add_parser = add_parser
 
     p = sub.add_parser("optimize", help="factorise layers and verify the result")
     _common(p)
-    p.add_argument("-o", "--output", required=True, help="output .onnx path (never the input)")
+    p.add_argument("output_positional", nargs="?", metavar="output",
+                   help="output .onnx path, as onnxsim/onnxslim take it (same as -o)")
+    p.add_argument("-o", "--output", default=None, help="output .onnx path (never the input)")
     p.add_argument("--rank", default="vbmf",
                    help="32 (fixed) | 0.25 (fraction of full rank) | energy:0.95 | vbmf. "
                         "Default: vbmf")
@@ -151,9 +169,32 @@ def cmd_bench(args) -> int:
     return 0
 
 
+_PLAIN = {"phase": None, "step": -1, "start": None}
+_QUIET = {"on": False}
+#: Plain progress lines start only after this many seconds: a quick run (or a quick
+#: failure, whose one error line a pipeline parses) prints none.
+PLAIN_AFTER_SECONDS = 3.0
+
+
 def _progress(i: int, total: int, name: str) -> None:
-    """One-line progress bar on a terminal (nothing when stderr is redirected)."""
+    """A one-line bar on a terminal; plain lines (each phase, every quarter of it) when stderr
+    is a pipe or a file, so a pipeline's log shows that work goes on."""
+    if _QUIET["on"]:
+        return
     if not sys.stderr.isatty():
+        import time
+
+        from onnxlr.escape import text
+        now = time.monotonic()
+        if _PLAIN["start"] is None:
+            _PLAIN["start"] = now
+        if now - _PLAIN["start"] < PLAIN_AFTER_SECONDS:
+            return
+        phase = name.split(" ", 1)[0]
+        quarter = 4 * i // max(total, 1)
+        if phase != _PLAIN["phase"] or quarter != _PLAIN["step"]:
+            _PLAIN.update(phase=phase, step=quarter)
+            print(f"onnxlr: {text(name)} ({i + 1}/{total})", file=sys.stderr, flush=True)
         return
     import shutil
 
@@ -181,6 +222,11 @@ def cmd_optimize(args) -> int:
     from onnxlr.pipeline import optimize
     from onnxlr.runtime import parse_input_shapes
 
+    if args.output and args.output_positional and args.output != args.output_positional:
+        raise OnnxlrError(f"two outputs given: {args.output_positional} and -o {args.output}")
+    args.output = args.output or args.output_positional
+    if not args.output:
+        raise OnnxlrError("no output path: give it as the second argument or with -o")
     out = Path(args.output)
     if same_file(out, args.model):
         raise OnnxlrError(f"{out}: output path is the input model; refusing to overwrite it")
@@ -207,7 +253,7 @@ def cmd_optimize(args) -> int:
         metric=args.metric, max_drop=args.max_drop, timing_batch=args.timing_batch,
         evaluate=args.eval,
         profile=args.profile)
-    print(report.to_text())
+    print(report.headline() if args.quiet else report.to_text())
     target = out if report.bound_met is not False else rejected_path(out)
     save_model(model, target, protect=reads)
     for path in args.report:
@@ -221,6 +267,14 @@ def cmd_optimize(args) -> int:
         raise BoundExceeded(f"output error {report.output_error:.4g} exceeds --max-error "
                             f"{args.max_error:g}; result written to {target} (not to {out})")
     print(f"wrote {target}")
+    missed = next((d for d in (report.search, report.budget)
+                   if d and d.get("target_met") is False), None)
+    if missed is not None:
+        what = (f"--target-speedup {missed['target_speedup']:g}"
+                if missed.get("target_speedup") is not None
+                else f"--target-flops {missed['target_flops']:g}")
+        raise TargetMissed(f"{what} was not reached (the best result found was written to "
+                           f"{target}; the report says what bound it)")
     return 0
 
 
@@ -274,7 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     previous = _sigterm_interrupts()
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    _QUIET["on"] = bool(args.quiet)
+    if args.quiet and args.verbose:
+        parser.error("-q and -v contradict each other: choose one")
+    logging.basicConfig(level=logging.INFO if args.verbose else
+                        logging.ERROR if args.quiet else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         commands = {"optimize": cmd_optimize, "inspect": cmd_inspect, "bench": cmd_bench}

@@ -26,3 +26,10 @@ class BoundExceeded(OnnxlrError):
     """The optimised model misses the requested output-error bound."""
 
     exit_code = 3
+
+
+class TargetMissed(OnnxlrError):
+    """A --target-speedup / --target-flops was not reached (the best result found is still
+    written, and the report says which constraint bound)."""
+
+    exit_code = 4

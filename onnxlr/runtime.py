@@ -82,12 +82,13 @@ def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
         try:
             if not sep or not name:
                 raise ValueError
-            shape = tuple(int(d) for d in dims.lower().split("x"))
+            # 1x3x224x224 (onnxlr, trtexec) or 1,3,224,224 (onnxsim, onnxslim, Polygraphy)
+            shape = tuple(int(d) for d in dims.lower().replace(",", "x").split("x"))
             if any(d <= 0 for d in shape):
                 raise ValueError
         except ValueError:
             raise OnnxlrError(f"bad input shape {spec!r}: expected NAME:DIMS "
-                              "such as input:1x3x224x224") from None
+                              "such as input:1x3x224x224 or input:1,3,224,224") from None
         if name in shapes:
             raise OnnxlrError(f"input shape for {name!r} given twice ({spec!r})")
         shapes[name] = shape

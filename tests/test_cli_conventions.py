@@ -1,0 +1,81 @@
+"""The conventions of the ONNX tool ecosystem (onnxsim, onnxslim, Polygraphy): output as a
+second positional, comma shapes, -v/-q on every subcommand, a missed target's own exit code,
+progress lines when stderr is not a terminal."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from onnxlr.errors import OnnxlrError
+from onnxlr.runtime import parse_input_shapes
+
+EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "digits_cnn.onnx")
+
+
+def _run(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "onnxlr", *args], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+def test_comma_and_x_shapes_parse_alike():
+    assert parse_input_shapes(["x:1,3,224,224"]) == parse_input_shapes(["x:1x3x224x224"]) == {
+        "x": (1, 3, 224, 224)}
+    with pytest.raises(OnnxlrError, match="1,3,224,224"):
+        parse_input_shapes(["x:1,,3"])
+
+
+def test_output_as_second_positional_and_quiet(tmp_path):
+    proc = _run("optimize", EXAMPLE, "out.onnx", "--rank", "0.5", "--max-error", "none",
+                "--no-verify", "-q", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out.onnx").exists()
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2 and "fewer MACs" in lines[0] and lines[1].startswith("wrote")
+    assert proc.stderr == ""
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "no output path"),
+    (["a.onnx", "-o", "b.onnx"], "two outputs given"),
+])
+def test_output_mistakes_are_one_line(tmp_path, args, message):
+    proc = _run("optimize", EXAMPLE, *args, "--no-verify", "--max-error", "none", cwd=tmp_path)
+    assert proc.returncode == 1 and message in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_verbosity_after_the_subcommand_and_contradiction(tmp_path):
+    proc = _run("inspect", EXAMPLE, "-v", cwd=tmp_path)
+    assert proc.returncode == 0
+    proc = _run("inspect", EXAMPLE, "-v", "-q", cwd=tmp_path)
+    assert proc.returncode == 2 and "contradict" in proc.stderr
+
+
+def test_a_missed_target_exits_4_and_keeps_the_result(tmp_path):
+    proc = _run("optimize", EXAMPLE, "out.onnx", "--rank", "0.5", "--target-flops", "0.0001",
+                "--latency-cache", "none", "--no-latency", cwd=tmp_path)
+    assert proc.returncode == 4, proc.stderr
+    assert "--target-flops 0.0001 was not reached" in proc.stderr
+    assert (tmp_path / "out.onnx").exists()
+    assert "\r" not in proc.stderr  # a pipe, not a terminal: no carriage-return bars
+
+
+def test_plain_progress_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys):
+    """After a few quiet seconds, one line per phase and per quarter of it."""
+    import time
+
+    from onnxlr import cli
+    clock = iter([0.0] + [10.0] * 100)
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    monkeypatch.setitem(cli._PLAIN, "start", None)
+    monkeypatch.setitem(cli._PLAIN, "phase", None)
+    monkeypatch.setitem(cli._QUIET, "on", False)
+    cli._progress(0, 8, "timing conv1")       # within the first seconds: nothing
+    for i in range(8):
+        cli._progress(i, 8, f"timing conv{i}")
+    cli._progress(0, 2, "sensitivity conv1")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["onnxlr: timing conv0 (1/8)", "onnxlr: timing conv2 (3/8)",
+                     "onnxlr: timing conv4 (5/8)", "onnxlr: timing conv6 (7/8)",
+                     "onnxlr: sensitivity conv1 (1/2)"]
