@@ -72,6 +72,10 @@ class Ladder:
     dropped: list[str] = field(default_factory=list)  # rungs left off, and why
 
 
+#: Layers under this share of the candidate layers' MACs get no ladder: their replacement
+#: cannot move the model's time much, and timing their rungs is most of a search's cost.
+MIN_MAC_SHARE = 0.005
+
 #: With ``--method auto`` a k×k conv also gets channel-SVD rungs (k×k conv with r filters,
 #: then 1×1): for few input channels it beats Tucker-2; Pareto filtering keeps what is worth it.
 AUTO_ALTERNATIVES = {"conv": ("tucker", "svd")}
@@ -104,6 +108,7 @@ def build_ladders(build, feeds, timer: LayerTimer, *, multiple: int = 8, levels=
     graph, nodes, values = layer_nodes_and_inputs(
         build.prepared, [r.name for r in records], feeds, provider=timer.provider)
     ladders, empty = [], {}
+    total = sum(r.macs_before for r in records) or 1
     for i, rec in enumerate(records):
         if progress:
             progress(i, len(records), f"timing {rec.name}")
@@ -114,6 +119,10 @@ def build_ladders(build, feeds, timer: LayerTimer, *, multiple: int = 8, levels=
         if isinstance(site, str):
             empty[rec.name] = site
             continue
+        if rec.macs_before < MIN_MAC_SHARE * total:
+            empty[rec.name] = (f"{100 * rec.macs_before / total:.2g}% of the candidate layers' "
+                               f"MACs: under the {100 * MIN_MAC_SHARE:g}% worth a ladder")
+            continue
         ladder = Ladder(rec.name, rec.method, rec.macs_before, rec.params_before, 0.0)
         names = dict.fromkeys([rec.method, *(alternatives or {}).get(rec.kind, ())])
         for name in names:
@@ -122,7 +131,17 @@ def build_ladders(build, feeds, timer: LayerTimer, *, multiple: int = 8, levels=
                 continue
             ranks = [ranks_for_macs(method, site, f, multiple) for f in levels]
             ranks = [r for r in dict.fromkeys(ranks) if r is not None]
-            for t in timer.trials(node, values, name, ranks):
+            if not ranks:
+                continue
+            # the cheapest rung first: if even it is not faster, no rung of this method is
+            cheapest = timer.trials(node, values, name, ranks[-1:])
+            if not cheapest or (cheapest[0].speedup or 0.0) < MIN_RUNG_SPEEDUP:
+                t = cheapest[0] if cheapest else None
+                ladder.dropped.append(f"{name}: its cheapest rung {ranks[-1]} measured "
+                                      f"{(t.speedup or 0.0) if t else 0.0:.2f}x alone"
+                                      + (f" ({t.reason})" if t and t.reason else ""))
+                continue
+            for t in timer.trials(node, values, name, ranks[:-1]) + cheapest:
                 label = f"{name} {t.ranks}"
                 if t.speedup is None:
                     ladder.dropped.append(f"{label}: {t.reason or 'could not be timed'}")
