@@ -79,3 +79,14 @@ def test_plain_progress_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys)
     assert lines == ["onnxlr: timing conv0 (1/8)", "onnxlr: timing conv2 (3/8)",
                      "onnxlr: timing conv4 (5/8)", "onnxlr: timing conv6 (7/8)",
                      "onnxlr: sensitivity conv1 (1/2)"]
+
+
+def test_reports_get_the_usual_file_mode(tmp_path):
+    import os
+    import stat
+    proc = _run("optimize", EXAMPLE, "out.onnx", "--rank", "0.5", "--max-error", "none",
+                "--no-verify", "-q", "--report", "r.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o666 & ~umask
