@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="profile each layer's time inside the whole model, original vs result "
                         "(ONNX Runtime profiling), for the report")
+    p.add_argument("--recipe", metavar="JSON", default=None,
+                   help="read the options from a recipe (onnxlr/schemas/recipe.schema.json); "
+                        "options on the command line win")
+    p.add_argument("--write-recipe", metavar="JSON", default=None,
+                   help="write the options this run used as a recipe, to replay it")
 
     p = sub.add_parser("inspect", help="list candidate layers and the ranks each rule would pick")
     _common(p)
@@ -234,7 +239,9 @@ def cmd_optimize(args) -> int:
         if Path(path).suffix.lower() not in _REPORTS:
             raise OnnxlrError(f"{path}: unknown report format (use .json, .md or .html)")
     # every read and write checked before any work: no output onto an input, none unwritable
-    reads = check_optimize(args.model, args.output, args.report, inputs=args.inputs,
+    reads = check_optimize(args.model, args.output,
+                           [*args.report, *([args.write_recipe] if args.write_recipe else [])],
+                           inputs=args.inputs,
                            calib=args.calib, metric=args.metric, evaluate=args.eval,
                            latency_cache=None if args.latency_cache.lower() in ("none", "default")
                            else args.latency_cache)
@@ -266,6 +273,13 @@ def cmd_optimize(args) -> int:
     if report.bound_met is False:
         raise BoundExceeded(f"output error {report.output_error:.4g} exceeds --max-error "
                             f"{args.max_error:g}; result written to {target} (not to {out})")
+    if args.write_recipe:
+        import json
+
+        from onnxlr.recipe import from_args
+        _write_text(Path(args.write_recipe),
+                    json.dumps(from_args(args, _optimize_parser()), indent=1) + "\n",
+                    protect=[*reads, target])
     print(f"wrote {target}")
     missed = next((d for d in (report.search, report.budget)
                    if d and d.get("target_met") is False), None)
@@ -328,8 +342,32 @@ def _sigterm_interrupts():
     return signal.signal(signal.SIGTERM, _terminate)
 
 
+def _optimize_parser() -> argparse.ArgumentParser:
+    return build_parser()._subparsers._group_actions[0].choices["optimize"]  # noqa: SLF001
+
+
+def _with_recipe(argv: list[str]) -> list[str]:
+    """``optimize … --recipe r.json …``: the recipe's options go first, so that the ones on
+    the command line (parsed later) win."""
+    if "optimize" not in argv:
+        return argv
+    path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--recipe"),
+                next((a.split("=", 1)[1] for a in argv if a.startswith("--recipe=")), None))
+    if path is None:
+        return argv
+    from onnxlr.recipe import to_argv
+    at = argv.index("optimize") + 1
+    return argv[:at] + to_argv(path, _optimize_parser()) + argv[at:]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = _with_recipe(argv)
+    except OnnxlrError as exc:
+        print(f"onnxlr: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     args = parser.parse_args(argv)
     previous = _sigterm_interrupts()
     _QUIET["on"] = bool(args.quiet)

@@ -6,7 +6,8 @@ The JSON form has a stable schema for pipelines: ``schema`` stays
 ``onnxlr.report/1`` while fields are only ever *added*; a key is never renamed,
 removed or given another meaning. Values that were not measured are ``null``.
 
-``onnxlr.report/1``::
+``onnxlr.report/1`` (JSON Schema: ``onnxlr/schemas/report.schema.json``, shipped in the
+package; the tests validate real reports against it)::
 
     schema        "onnxlr.report/1"
     source        input path or null
@@ -44,6 +45,11 @@ from onnxlr import escape
 from onnxlr.records import FACTORISED, LayerRecord
 
 SCHEMA = "onnxlr.report/1"
+
+
+def _version() -> str:
+    from onnxlr import __version__
+    return __version__
 
 
 def human(n: float) -> str:
@@ -142,6 +148,7 @@ class Report:
         lat = self.latency or {}
         return {
             "schema": SCHEMA,
+            "onnxlr_version": _version(),
             "source": self.source,
             "settings": {"method": self.method, "rank": self.rank,
                          "rank_multiple": self.rank_multiple, "max_error": self.max_error,
