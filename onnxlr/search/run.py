@@ -27,6 +27,9 @@ from onnxlr.search.planner import Planner, choose, greedy_path, subset
 
 logger = logging.getLogger(__name__)
 
+#: The refit's further bisection stops once it has taken this long (each check is a build,
+#: a refit of every changed layer and a run; on a 60-layer detector, ~20 s each).
+REFIT_SECONDS = 60.0
 #: Default batch the layers and the whole model are timed at (at most the inputs' batch).
 TIMING_BATCH = 64
 #: Samples the per-rung sensitivity is scored on (the end-to-end checks use all) ...
@@ -223,7 +226,8 @@ class _Judge:
         if not target or t >= len(steps) or not self.feasible(best):
             return best
         lo, hi, found = t, len(steps) + 1, None
-        while hi - lo > 1:
+        start = time.perf_counter()
+        while hi - lo > 1 and time.perf_counter() - start < REFIT_SECONDS:
             mid = (lo + hi) // 2
             trial = self(steps[mid - 1].as_dict())
             if self.feasible(trial) and trial.refit.get("kept", True):
