@@ -145,6 +145,10 @@ class TuckerMethod(Method):
 
     data_aware = True
 
+    def __init__(self, hooi_sweeps: int = 50):
+        #: HOOI sweeps after the HOSVD start (0: HOSVD only, what timing a chain needs)
+        self.hooi_sweeps = hooi_sweeps
+
     def choose_ranks(self, site: LayerSite, selector: RankSelector, multiple: int,
                      stats: LayerStats | None = None):
         r_out, r_in = mode_ranks(site, selector, multiple, stats)
@@ -173,7 +177,8 @@ class TuckerMethod(Method):
 
     def decompose(self, site: LayerSite, ranks, stats: LayerStats | None = None) -> Factors:
         t0 = time.perf_counter()
-        result = tucker2(site.weight.astype(np.float64), tuple(ranks))
+        result = tucker2(site.weight.astype(np.float64), tuple(ranks),
+                         n_iter_max=self.hooi_sweeps)
         if stats is None:
             return Factors(result, float(result.rel_error), time.perf_counter() - t0)
         refit, before, after = refit_tucker(site, result, stats)

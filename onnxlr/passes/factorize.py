@@ -44,6 +44,9 @@ class FactorizeConfig:
     #: exact ranks per layer name, chosen by a search (latency acceptance, budgets); wins over
     #: the rank rule and ``rank_scale``
     forced_ranks: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: factors only good enough to time a chain (its shapes are what matter): Tucker-2 from
+    #: its HOSVD without HOOI sweeps; never used for a model that is written
+    timing_only: bool = False
     #: the method per layer name chosen by a search (wins over ``methods``' per-kind choice)
     forced_methods: dict[str, str] = field(default_factory=dict)
     #: per-layer input statistics from calibration data ({layer name: onnxlr.linalg.whiten.
@@ -97,6 +100,8 @@ class Factorize(Pass):
         """A fresh instance of the named method with this config's options."""
         if name == "cp":
             return METHODS[name](max_seconds=self.config.cp_max_seconds)
+        if name == "tucker" and self.config.timing_only:
+            return METHODS[name](hooi_sweeps=0)
         return METHODS[name]()
 
     def call(self, graph: gs.Graph) -> PassResult:
@@ -184,7 +189,7 @@ class Factorize(Pass):
     def factors(self, method: Method, site: LayerSite, ranks: tuple[int, ...]) -> Factors:
         """The factors of ``site`` at ``ranks`` (cached by layer, method, ranks, data use)."""
         stats = self.config.stats_for(site.name, method)
-        key = (site.name, method.name, ranks, stats is not None)
+        key = (site.name, method.name, ranks, stats is not None, self.config.timing_only)
         if key not in self.cache:
             self.cache[key] = (method.decompose(site, ranks, stats=stats) if stats is not None
                                else method.decompose(site, ranks))

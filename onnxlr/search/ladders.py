@@ -100,11 +100,12 @@ def build_ladders(build, feeds, timer: LayerTimer, *, multiple: int = 8, levels=
     """
     records = selected_layers(build)
     # A chain's speed depends on its shapes, not its values: time (and Pareto-filter) the
-    # rungs with the weights-only factors, which cost a fraction of the data-aware ones; the
-    # data-aware factors are computed later only for the rungs that stay (the gated graph).
-    if timer.config.calibration:
-        timer = dataclasses.replace(
-            timer, config=dataclasses.replace(timer.config, calibration=None), factor_cache={})
+    # rungs with cheap weights-only factors (Tucker-2 from its HOSVD, no HOOI sweeps), a
+    # fraction of the data-aware ones' cost; the real factors are computed later only for the
+    # rungs that stay (the gated graph).
+    timer = dataclasses.replace(
+        timer, config=dataclasses.replace(timer.config, calibration=None, timing_only=True),
+        factor_cache={})
     graph, nodes, values = layer_nodes_and_inputs(
         build.prepared, [r.name for r in records], feeds, provider=timer.provider)
     ladders, empty = [], {}
