@@ -24,7 +24,7 @@ from onnxlr.sites import find_site
 logger = logging.getLogger(__name__)
 
 #: MAC fractions offered to every layer, most expensive first.
-LEVELS = (0.6, 0.4, 0.25, 0.15, 0.08)
+LEVELS = (0.8, 0.6, 0.4, 0.25, 0.15, 0.08)
 #: A rung must be at least this much faster alone to stay on the ladder (timing noise).
 MIN_RUNG_SPEEDUP = 1.03
 

@@ -99,10 +99,11 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
                    fit_batches)
     built = judge(chosen.assignment)
     refit = None
-    if fit_batches and chosen.assignment:
+    if fit_batches and steps:
         # the refit lowers every layer's error: go further along the path where it holds
+        # (from the original itself when no step held the bound without it)
         t2 = time.perf_counter()
-        further = judge.extend(steps, chosen.account["bisected_steps"], chosen.assignment,
+        further = judge.extend(steps, chosen.account["bisected_steps"], built,
                                target=target_speedup is None and target_flops is None)
         if further is not None:
             built = further
@@ -219,10 +220,9 @@ class _Judge:
     def feasible(self, built: _Built) -> bool:
         return self.baseline - built.score <= self.allowed + 1e-12
 
-    def extend(self, steps, t: int, current: dict, *, target: bool) -> _Built | None:
+    def extend(self, steps, t: int, best: _Built, *, target: bool) -> _Built:
         """With the refit, the longest path prefix beyond ``t`` that holds the bound (by
-        bisection, each check one build + refit); None when none beats ``current``."""
-        best = self(current)
+        bisection, each check one build + refit), if it saves more than ``best``."""
         if not target or t >= len(steps) or not self.feasible(best):
             return best
         lo, hi, found = t, len(steps) + 1, None
