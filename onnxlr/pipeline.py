@@ -263,6 +263,7 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
                                               layers=[r.name for r in report.records])
         report.accuracy = verifier.accuracies(result)
         report.verify_inputs = verifier.description
+    report.calibrated = calib is not None
     result = add_provenance(result, report)
     check_model(result, what="optimised model")
     if not verify:
@@ -442,10 +443,16 @@ def add_provenance(model: onnx.ModelProto, report: Report) -> onnx.ModelProto:
     """Record onnxlr's version, settings and per-layer ranks in ``metadata_props``."""
     layers = {r.name: {"method": r.method, "ranks": list(r.ranks)}
               for r in report.records if r.status == FACTORISED}
-    calibrated = any(r.extra.get("data_aware") for r in report.records)
+    # calibration data shaped the result if any layer used its statistics, or if the pass
+    # itself fitted on it (channel pruning, thin layers, the search's refit and judging)
+    calibrated = report.calibrated or any(r.extra.get("data_aware") for r in report.records)
     entries = {"onnxlr.version": __version__, "onnxlr.method": report.method,
                "onnxlr.calibration": "yes" if calibrated else "no",
                "onnxlr.rank": report.rank, "onnxlr.layers": json.dumps(layers, sort_keys=True)}
+    if report.search:
+        entries["onnxlr.search"] = json.dumps(
+            {k: report.search.get(k) for k in ("metric", "max_drop", "score_before",
+                                                "score_after", "inputs")}, sort_keys=True)
     kept = [p for p in model.metadata_props if p.key not in entries]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)

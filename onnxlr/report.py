@@ -89,6 +89,7 @@ class Report:
     # the metric search (--metric / --max-drop): metric, scores before/after, drop and its
     # bound, inputs it was judged on, the path and its checks (onnxlr.search.run)
     search: dict | None = None
+    calibrated: bool = False          # calibration data was given (provenance)
 
     # totals over candidate layers (MACs of other ops are not counted)
     @property

@@ -359,3 +359,12 @@ def test_sequential_refit_solves_the_last_stage_on_the_compressed_prefix(rng):
     ref = ort_run(prepared, x)[0]
     before = np.linalg.norm(ort_run(compressed, x)[0] - ref)
     assert np.linalg.norm(ort_run(out, x)[0] - ref) < before
+
+
+def test_provenance_says_calibration_for_a_pruned_calibrated_model(tmp_path, rng):
+    calib = tmp_path / "c.npz"
+    np.savez(calib, input=rng.standard_normal((24, 3, 8, 8)).astype(np.float32))
+    out, _ = optimize(tiny_cnn(), "prune", "0.5", max_error=None, calib=str(calib),
+                      verify=False)
+    meta = {p.key: p.value for p in out.metadata_props}
+    assert meta["onnxlr.calibration"] == "yes"
