@@ -24,7 +24,7 @@ from onnxlr.io import check_model, load_model
 from onnxlr.latency import DEFAULT_MIN_LAYER_SPEEDUP
 from onnxlr.methods import CHANNEL_METHODS, parse_method
 from onnxlr.passes.base import PassManager
-from onnxlr.passes.constants import ConstantsToInitializers
+from onnxlr.passes.constants import ConstantsToInitializers, FoldConstantTranspose
 from onnxlr.passes.factorize import Factorize, FactorizeConfig
 from onnxlr.passes.fold_bn import FoldBatchNorm
 from onnxlr.rank import parse_rank
@@ -38,11 +38,12 @@ DEFAULT_MAX_ERROR = 0.05
 
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Constant weights → initializers, BatchNorm folded into Convs, every node named
-    uniquely; nothing factorised."""
+    """Constant weights → initializers, transposes of constant weights folded, BatchNorm
+    folded into Convs, every node named uniquely; nothing factorised."""
     graph = to_graph(model)
     name_nodes(graph)
-    PassManager([ConstantsToInitializers(), FoldBatchNorm()], max_steps=2)(graph)
+    PassManager([ConstantsToInitializers(), FoldConstantTranspose(), FoldBatchNorm()],
+                max_steps=2)(graph)
     return to_model(graph, model)
 
 
