@@ -297,3 +297,26 @@ def test_a_layer_too_big_for_statistics_is_factorised_from_its_weights(rng, tmp_
     rec = report.records[0]
     assert rec.status == FACTORISED and not rec.extra.get("data_aware")
     assert "calibration statistics skipped: 576 values" in rec.extra["calibration_note"]
+
+
+def test_dynamic_sequence_dim_counts_macs_in_one_unit(rng, tmp_path):
+    """A layer on [N, seq, 32]: the graph counts its MACs per position, the layer timed alone
+    on its real input counts every row. The search's MAC saving must compare like with like
+    (it once reported a predicted MACs ratio of 825 on a BERT encoder)."""
+    from conftest import init, make_model, vinfo
+    from onnx import helper
+    w = (rng.standard_normal((32, 4)) @ rng.standard_normal((4, 32))).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")],
+                       [vinfo("x", ["N", "seq", 32])], [vinfo("y", None)], [init("w", w)])
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=rng.standard_normal((32, 64, 32)).astype(np.float32))
+    _, report = optimize(model, "svd", calib=str(calib), metric="rel_l2", max_drop=0.01,
+                         latency_cache=str(tmp_path / "lat.json"), timing_batch=32)
+    s = report.search
+    assert 0.0 <= s["predicted_macs_ratio"] <= 1.0, s["predicted_macs_ratio"]
+    (rec,) = report.records
+    rows = 16 * 64  # the timing batch after the half held out, times the sequence
+    for c in rec.candidates:
+        assert c["macs"] == rows * 32 * 2 * c["ranks"][0], c
+    (chosen,) = [c for c in rec.candidates if c["chosen"]]  # rank 4 holds the metric exactly
+    assert s["predicted_macs_ratio"] == pytest.approx(chosen["macs"] / (rows * 32 * 32))

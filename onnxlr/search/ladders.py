@@ -91,7 +91,10 @@ def build_ladders(build, feeds, timer: LayerTimer, *, multiple: int = 8, levels=
         ranks = [ranks_for_macs(method, site, f, multiple) for f in levels]
         ranks = [r for r in dict.fromkeys(ranks) if r is not None]
         trials = timer.trials(node, values, rec.method, ranks)
-        ladder = Ladder(rec.name, rec.method, rec.macs_before, rec.params_before, 0.0)
+        # MACs before and after counted on the same input: the isolated layer's real shape
+        # (the whole graph's count is per position where a dim is dynamic, e.g. a sequence)
+        macs_before = next((t.macs_before for t in trials if t.macs_before), rec.macs_before)
+        ladder = Ladder(rec.name, rec.method, macs_before, rec.params_before, 0.0)
         for t in trials:
             if t.speedup is None:
                 ladder.dropped.append(f"{t.ranks}: {t.reason or 'could not be timed'}")
