@@ -172,6 +172,12 @@ def build(folder: Path) -> Path:
     root = Path(__file__).resolve().parents[2]
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise RuntimeError(f"{NAME}: the model is trained on first use and that needs PyTorch "
+                           f"(pip install torch==2.13.0, the CPU wheel); or leave it out with "
+                           f"--models") from None
     from tools.train_debian_bert import train
     return train(folder, seed=SEED)
 
