@@ -371,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     previous = _sigterm_interrupts()
     _QUIET["on"] = bool(args.quiet)
+    _PLAIN.update(phase=None, step=-1, start=None)  # each command's quiet seconds start now
     if args.quiet and args.verbose:
         parser.error("-q and -v contradict each other: choose one")
     logging.basicConfig(level=logging.INFO if args.verbose else

@@ -87,6 +87,7 @@ class Trial:
 
     ranks: tuple[int, ...]
     macs: int = 0
+    macs_before: int = 0                 # the layer's, counted on the same (real) input shape
     weight_error: float | None = None
     local_error: float | None = None     # rel. L2 of the layer's output on its real input
     ms_before: float | None = None
@@ -221,6 +222,7 @@ class LayerTimer:
                 out.append(trial)
                 continue
             trial.macs, trial.weight_error = record.macs_after, record.weight_error
+            trial.macs_before = record.macs_before
             if base_session is None:
                 base_session = runtime.make_session(original, provider=self.provider,
                                                     threads=self.threads)

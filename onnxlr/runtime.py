@@ -100,8 +100,16 @@ def _feedable_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [v for v in model.graph.input if v.name not in inits]
 
 
-def _resolve_shape(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None,
-                   batch: int) -> tuple[int, ...]:
+#: Value of a dynamic non-batch dim (a sequence length, mostly) when neither --input-shape nor
+#: another input with the same symbolic dim pins it.
+DEFAULT_DIM = 128
+
+
+def _resolve_shape(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None, batch: int,
+                   symbols: dict[str, int], defaulted: dict[str, int]) -> tuple[int, ...]:
+    """The shape of one input: ``given`` (checked), else its fixed dims, ``batch`` for a dynamic
+    leading dim and, for other dynamic dims, the value another input pins for the same symbol
+    or :data:`DEFAULT_DIM` (recorded in ``defaulted``)."""
     tt = vi.type.tensor_type
     dims = list(tt.shape.dim) if tt.HasField("shape") else None
     if given is not None:
@@ -120,16 +128,83 @@ def _resolve_shape(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None,
     for axis, d in enumerate(dims):
         if d.HasField("dim_value") and d.dim_value > 0:
             shape.append(d.dim_value)
+        elif d.dim_param and d.dim_param in symbols:
+            shape.append(symbols[d.dim_param])
         elif axis == 0:
             shape.append(batch)
         else:
-            label = d.dim_param or "?"
-            hint = "x".join(str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0
-                            else (str(batch) if i == 0 else f"<{x.dim_param or '?'}>")
-                            for i, x in enumerate(dims))
-            raise OnnxlrError(f"input {vi.name!r} has dynamic dim {label!r} at axis {axis}: "
-                              f"give --input-shape {vi.name}:{hint}")
+            label = d.dim_param or f"{vi.name}[{axis}]"
+            defaulted[label] = DEFAULT_DIM
+            shape.append(DEFAULT_DIM)
+        if d.dim_param:
+            symbols.setdefault(d.dim_param, shape[-1])
     return tuple(shape)
+
+
+def _symbols_from(inputs: list[onnx.ValueInfoProto], shapes: dict[str, tuple[int, ...]]
+                  ) -> dict[str, int]:
+    """Symbolic dim → value, from the shapes the user gave (``seq`` of input_ids sets the
+    attention mask's ``seq`` too)."""
+    symbols: dict[str, int] = {}
+    for vi in inputs:
+        given = shapes.get(vi.name)
+        tt = vi.type.tensor_type
+        if given is None or not tt.HasField("shape") or len(tt.shape.dim) != len(given):
+            continue
+        for d, g in zip(tt.shape.dim, given):
+            if d.dim_param:
+                symbols.setdefault(d.dim_param, g)
+    return symbols
+
+
+#: Ops that pass integer values through unchanged (only shape or dtype changes), on the way
+#: from a graph input to the Gather that uses it as indices.
+_VALUE_PRESERVING = {"Identity", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten",
+                     "Transpose", "Expand", "Slice"}
+#: A Gather table at most this many rows is a segment/type table: type-id inputs get zeros.
+_SMALL_TABLE = 16
+
+
+def _gather_bounds(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[int, str]]:
+    """For each input in ``names`` that reaches the indices of a Gather (through value-preserving
+    ops), the fewest rows among the tables it indexes and the node that has them."""
+    rows_of = {t.name: (list(t.dims), t.name) for t in model.graph.initializer}
+    for n in model.graph.node:  # tables stored as Constant nodes
+        if n.op_type == "Constant" and n.output:
+            for a in n.attribute:
+                if a.name == "value":
+                    rows_of[n.output[0]] = (list(a.t.dims), n.output[0])
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    bounds: dict[str, tuple[int, str]] = {}
+    for name in names:
+        seen, stack = {name}, [name]
+        while stack:
+            value = stack.pop()
+            for node in consumers.get(value, []):
+                if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == value:
+                    table = rows_of.get(node.input[0])
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    if table and -len(table[0]) <= axis < len(table[0]):
+                        rows = table[0][axis]
+                        if name not in bounds or rows < bounds[name][0]:
+                            bounds[name] = (rows, node.name or node.output[0])
+                elif node.op_type in _VALUE_PRESERVING and node.input[0] == value:
+                    for out in node.output:
+                        if out and out not in seen:
+                            seen.add(out)
+                            stack.append(out)
+    return bounds
+
+
+def _is_mask(name: str) -> bool:
+    return "mask" in name.lower()
+
+
+def _is_type_ids(name: str) -> bool:
+    return "type" in name.lower()
 
 
 def _np_dtype(vi: onnx.ValueInfoProto) -> np.dtype:
@@ -142,7 +217,8 @@ def _np_dtype(vi: onnx.ValueInfoProto) -> np.dtype:
         raise OnnxlrError(f"input {vi.name!r} has unsupported dtype {dtype}") from None
 
 
-def _random(rng: np.random.Generator, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+def _random(rng: np.random.Generator, name: str, dtype: np.dtype, shape: tuple[int, ...],
+            high: int = _INT_HIGH) -> np.ndarray:
     count = math.prod(shape)
     if count > MAX_INPUT_ELEMENTS:
         # refuse before allocating: a declared shape is untrusted, an OOM kill is no error message
@@ -153,7 +229,7 @@ def _random(rng: np.random.Generator, name: str, dtype: np.dtype, shape: tuple[i
     if dtype.kind == "f":
         return np.asarray(rng.standard_normal(shape)).astype(dtype)
     if dtype.kind in "iu":
-        return np.asarray(rng.integers(0, _INT_HIGH, size=shape)).astype(dtype)
+        return np.asarray(rng.integers(0, high, size=shape)).astype(dtype)
     if dtype.kind == "b":
         return np.asarray(rng.random(shape) < 0.5)  # a 0-d comparison gives a numpy scalar
     raise OnnxlrError(f"input {name!r} has dtype {dtype} that onnxlr cannot generate: "
@@ -161,24 +237,34 @@ def _random(rng: np.random.Generator, name: str, dtype: np.dtype, shape: tuple[i
 
 
 def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None, *,
-                batch: int = 1, seed: int = 0, npz: str | None = None) -> dict[str, np.ndarray]:
+                batch: int = 1, seed: int = 0, npz: str | None = None,
+                notes: list[str] | None = None) -> dict[str, np.ndarray]:
     """Feeds for the graph inputs that are not initializers.
 
+    Random feeds are made to be valid for the model, so that verification can run without
+    real inputs: an integer input that reaches the indices of a ``Gather`` (token ids,
+    position ids) is drawn inside the smallest table it indexes; an input named like a mask
+    is all ones, a type-id input (``token_type_ids``) indexing a small table all zeros.
+
     Args:
-        model: the model (external data need not be loaded; only inputs are read).
-        shapes: shapes per input name (from :func:`parse_input_shapes`); these win.
+        model: the model (external data need not be loaded; only inputs and table shapes
+            are read).
+        shapes: shapes per input name (from :func:`parse_input_shapes`); these win, and
+            their symbolic dims (``seq``) hold for the other inputs too.
         batch: value for an unknown leading (batch) dim.
-        seed: seed for the random feeds. Floats are standard normal, integers are
+        seed: seed for the random feeds. Floats are standard normal, other integers are
             drawn from ``[0, 4)``, bools are fair coin flips.
         npz: optional ``.npz`` file with one array per input name; used instead
             of random data (dtype, rank and fixed dims are checked).
+        notes: when given, one line per choice made for random feeds (a defaulted dim,
+            an index range, a mask) is appended, for the report.
 
     Returns:
         Input name to array, in graph input order.
 
     Raises:
-        OnnxlrError: unknown input names in ``shapes``, an unknown non-batch dim,
-            or a bad/incomplete ``npz``.
+        OnnxlrError: unknown input names in ``shapes``, an input without a shape, or a
+            bad/incomplete ``npz``.
     """
     shapes = dict(shapes or {})
     inputs = _feedable_inputs(model)
@@ -189,9 +275,33 @@ def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | Non
                           f"model inputs: {', '.join(names) or '(none)'}")
     if npz is not None:
         return _load_npz(npz, inputs, shapes)
+    notes = notes if notes is not None else []
     rng = np.random.default_rng(seed)
-    return {v.name: _random(rng, v.name, _np_dtype(v), _resolve_shape(v, shapes.get(v.name), batch))
-            for v in inputs}
+    symbols, defaulted = _symbols_from(inputs, shapes), {}
+    dtypes = {v.name: _np_dtype(v) for v in inputs}
+    bounds = _gather_bounds(model, [n for n in names if dtypes[n].kind in "iu"])
+    feeds: dict[str, np.ndarray] = {}
+    for v in inputs:
+        dtype = dtypes[v.name]
+        shape = _resolve_shape(v, shapes.get(v.name), batch, symbols, defaulted)
+        feeds[v.name] = _random(rng, v.name, dtype, shape,
+                                high=bounds[v.name][0] if v.name in bounds else _INT_HIGH)
+        if _is_mask(v.name):
+            feeds[v.name] = np.ones(shape, dtype)
+            notes.append(f"{v.name}: ones (a mask)")
+        elif v.name in bounds:
+            rows, gather = bounds[v.name]
+            if _is_type_ids(v.name) and rows <= _SMALL_TABLE:
+                feeds[v.name] = np.zeros(shape, dtype)
+                notes.append(f"{v.name}: zeros (type ids; Gather {gather!r} has {rows} rows)")
+            else:
+                notes.append(f"{v.name}: random in [0, {rows}) (Gather {gather!r}, "
+                             f"the smallest table it indexes)")
+    for label, value in defaulted.items():
+        notes.insert(0, f"dynamic dim {label!r} set to {value} (the default; "
+                        f"--input-shape to change)")
+        logger.info("dynamic dim %r set to %d: give --input-shape to change it", label, value)
+    return feeds
 
 
 def _load_npz(path: str, inputs: list[onnx.ValueInfoProto],

@@ -85,13 +85,26 @@ def _positions(shape, spatial_rank: int | None) -> tuple[tuple[int, ...], bool]:
     return tuple(d if d is not None else 1 for d in dims) or (1,), known
 
 
+def _computed_weight(tensor: gs.Tensor | None) -> str | None:
+    """Why a weight computed from constants is left alone, for the producers worth naming."""
+    producer = tensor.inputs[0] if tensor is not None and len(tensor.inputs) == 1 else None
+    if producer is None:
+        return None
+    if producer.op == "DequantizeLinear":
+        return ("weight comes from DequantizeLinear (a quantized model): its integer "
+                "weights and scales are left alone")
+    if producer.op == "Transpose" and producer.inputs and isinstance(producer.inputs[0], gs.Constant):
+        src = producer.inputs[0]  # prepare() folds the transpose of a weight with one user
+        if len(src.outputs) > 1:
+            return (f"weight is a Transpose of {src.name!r}, which {len(src.outputs) - 1} other "
+                    f"node(s) also use (tied weights, e.g. a head sharing an embedding): "
+                    f"left alone")
+    return None
+
+
 def _float_weight(value: np.ndarray | None, tensor: gs.Tensor | None = None) -> str | None:
     if value is None:
-        producer = tensor.inputs[0].op if tensor is not None and len(tensor.inputs) == 1 else None
-        if producer == "DequantizeLinear":
-            return ("weight comes from DequantizeLinear (a quantized model): its integer "
-                    "weights and scales are left alone")
-        return "weight is not a constant (computed at run time)"
+        return _computed_weight(tensor) or "weight is not a constant (computed at run time)"
     if value.dtype.kind not in FLOAT_KINDS and value.dtype.name not in EXTRA_FLOAT_DTYPES:
         return f"weight has dtype {value.dtype} (quantized or integer layers are left alone)"
     return None
@@ -180,7 +193,7 @@ def _matmul_site(node: gs.Node) -> LayerSite | str:
     if w is None:
         if constant_value(x) is not None:
             return "MatMul's constant operand is on the left (not supported)"
-        return "both MatMul operands are activations"
+        return _computed_weight(b) or "both MatMul operands are activations"
     reason = _float_weight(w, b) or _shared(b)
     if reason:
         return reason

@@ -78,7 +78,9 @@ class Verifier:
         self.max_error = max_error
         self.provider = provider
         _check_feedable(original)
-        self.feeds = runtime.make_inputs(original, input_shapes, batch=batch, seed=seed, npz=npz)
+        notes: list[str] = []
+        self.feeds = runtime.make_inputs(original, input_shapes, batch=batch, seed=seed, npz=npz,
+                                         notes=notes)
         try:
             self.reference = runtime.run(session(original, provider), self.feeds)
         except VerificationUnavailable:
@@ -93,7 +95,7 @@ class Verifier:
         shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in self.feeds.items())
         self.labels = _labels(npz) if npz else None
         self.description = (f"{'inputs from ' + npz if npz else f'seeded random inputs (seed {seed})'}"
-                            f": {shapes}")
+                            f": {shapes}" + "".join(f"; {n}" for n in notes))
 
     def compare(self, candidate: onnx.ModelProto) -> runtime.Comparison:
         outputs = runtime.run(session(candidate, self.provider), self.feeds)

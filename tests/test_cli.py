@@ -94,8 +94,6 @@ BAD_CASES = {
                        "unknown method 'magic'"),
     "bad rank": (lambda t, m: ["optimize", m, "-o", t / "o.onnx", "--rank", "energy:2"], "energy:2"),
     "output is input": (lambda t, m: ["optimize", m, "-o", m], "output path is the input"),
-    "dynamic dim": (lambda t, m: ["optimize", _dynamic_seq_model(t), "-o", t / "o.onnx"],
-                    "--input-shape"),
     "bad input shape": (lambda t, m: ["optimize", m, "-o", t / "o.onnx", "--input-shape", "input:1xax8"],
                         "input:1xax8"),
     "missing output folder": (lambda t, m: ["optimize", m, "-o", t / "no" / "o.onnx"], "does not exist"),
@@ -125,6 +123,14 @@ def test_dynamic_dim_given_by_input_shape(tmp_path):
                   "--rank", "2", "--max-error", "none")
     assert done.returncode == 0, done.stderr
     assert "x[2, 5, 8]" in done.stdout
+
+
+def test_dynamic_dim_defaults_to_128_and_the_report_says_so(tmp_path):
+    done = onnxlr("optimize", _dynamic_seq_model(tmp_path), "-o", tmp_path / "o.onnx",
+                  "--rank", "2", "--max-error", "none")
+    assert done.returncode == 0, done.stderr
+    assert "x[1, 128, 8]" in done.stdout
+    assert "dynamic dim 'seq' set to 128 (the default; --input-shape to change)" in done.stdout
 
 
 def test_inspect_with_a_channel_method_is_a_clean_error(tmp_path, capsys):

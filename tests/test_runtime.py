@@ -102,16 +102,81 @@ def test_make_inputs_dynamic_batch_and_override():
     assert rt.make_inputs(unknown_batch, batch=2)["x"].shape == (2, 8)
 
 
-def test_make_inputs_dynamic_non_batch_dim_errors():
-    model = _model([helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "seq"])],
-                   [helper.make_tensor_value_info("y", TensorProto.INT64, ["N", "seq"])],
-                   [helper.make_node("Identity", ["ids"], ["y"])])
-    with pytest.raises(OnnxlrError) as info:
-        rt.make_inputs(model)
-    message = str(info.value)
-    assert message == ("input 'ids' has dynamic dim 'seq' at axis 1: "
-                       "give --input-shape ids:1x<seq>")
-    assert rt.make_inputs(model, {"ids": (2, 16)})["ids"].shape == (2, 16)
+def test_make_inputs_dynamic_seq_dim_gets_the_default_and_follows_given_shapes():
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "seq"])
+    mask = helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", "seq"])
+    model = _model([ids, mask], [helper.make_tensor_value_info("y", TensorProto.INT64, None)],
+                   [helper.make_node("Add", ["ids", "mask"], ["y"])])
+    notes: list[str] = []
+    feeds = rt.make_inputs(model, notes=notes)
+    assert rt.DEFAULT_DIM == 128
+    assert feeds["ids"].shape == feeds["mask"].shape == (1, 128)
+    assert notes[0] == "dynamic dim 'seq' set to 128 (the default; --input-shape to change)"
+    # a shape given for one input pins its symbols for the others: the feeds stay consistent
+    given = rt.make_inputs(model, {"ids": (2, 16)}, notes=(notes := []))
+    assert given["ids"].shape == given["mask"].shape == (2, 16)
+    assert not any("dynamic dim" in n for n in notes)
+
+
+def _embedding_model(token_rows=50, type_rows=2, position_rows=None):
+    """input_ids / token_type_ids / attention_mask [N, seq] like a BERT export: word and type
+    tables gathered, the mask cast to float and multiplied in."""
+    rng = np.random.default_rng(0)
+    tables = [numpy_helper.from_array(rng.standard_normal((rows, 4)).astype(np.float32), name)
+              for name, rows in (("word", token_rows), ("type", type_rows))]
+    nodes = [helper.make_node("Gather", ["word", "input_ids"], ["we"], name="word_gather"),
+             helper.make_node("Cast", ["token_type_ids"], ["tt"], to=TensorProto.INT32),
+             helper.make_node("Gather", ["type", "tt"], ["te"], name="type_gather"),
+             helper.make_node("Add", ["we", "te"], ["emb"]),
+             helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["m", "axes"], ["m3"]),
+             helper.make_node("Mul", ["emb", "m3"], ["y"])]
+    tables.append(numpy_helper.from_array(np.array([2], np.int64), "axes"))
+    if position_rows:  # the ids also index a smaller table through an Unsqueeze
+        tables.append(numpy_helper.from_array(
+            rng.standard_normal((position_rows, 4)).astype(np.float32), "pos"))
+        nodes[-1:] = [helper.make_node("Unsqueeze", ["input_ids", "axes"], ["ids3"]),
+                      helper.make_node("Gather", ["pos", "ids3"], ["pe"], name="pos_gather"),
+                      helper.make_node("Mul", ["emb", "m3"], ["y0"]),
+                      helper.make_node("ReduceSum", ["pe"], ["y1"], keepdims=0),
+                      helper.make_node("Add", ["y0", "y1"], ["y"])]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
+              for n in ("input_ids", "attention_mask", "token_type_ids")]
+    return _model(inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                  nodes, tables)
+
+
+def test_make_inputs_token_inputs_stay_inside_their_tables():
+    model = _embedding_model(token_rows=50, type_rows=2)
+    notes: list[str] = []
+    feeds = rt.make_inputs(model, {"input_ids": (8, 32)}, notes=notes)
+    ids = feeds["input_ids"]
+    assert ids.shape == (8, 32) and ids.dtype == np.int64
+    assert ids.min() >= 0 and ids.max() < 50 and ids.max() >= 4  # the whole table, not [0, 4)
+    assert np.array_equal(feeds["token_type_ids"], np.zeros((8, 32), np.int64))
+    assert np.array_equal(feeds["attention_mask"], np.ones((8, 32), np.int64))
+    assert "token_type_ids: zeros (type ids; Gather 'type_gather' has 2 rows)" in notes
+    assert "attention_mask: ones (a mask)" in notes
+    # ORT runs it: the 2-row type table is not overflowed; float64 reference for the output
+    out = rt.run(rt.make_session(model), feeds)["y"]
+    word = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    typ = numpy_helper.to_array(model.graph.initializer[1]).astype(np.float64)
+    np.testing.assert_allclose(out, word[ids] + typ[0], rtol=1e-6, atol=1e-6)
+
+
+def test_make_inputs_ids_bounded_by_the_smallest_table_they_reach():
+    model = _embedding_model(token_rows=50, type_rows=2, position_rows=10)
+    notes: list[str] = []
+    ids = rt.make_inputs(model, {"input_ids": (4, 64)}, notes=notes)["input_ids"]
+    assert ids.min() >= 0 and ids.max() == 9
+    assert "input_ids: random in [0, 10) (Gather 'pos_gather', the smallest table it indexes)" in notes
+    rt.run(rt.make_session(model), rt.make_inputs(model))  # default seq 128 runs too
+
+
+def test_make_inputs_type_ids_with_a_large_table_stay_random():
+    model = _embedding_model(token_rows=50, type_rows=40)
+    types = rt.make_inputs(model, {"input_ids": (4, 64)})["token_type_ids"]
+    assert types.min() >= 0 and types.max() < 40 and types.max() >= 4
 
 
 def test_make_inputs_shape_errors():

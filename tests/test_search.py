@@ -196,7 +196,7 @@ def test_optimize_with_a_metric_keeps_it_and_is_never_slower(tmp_path):
         before = ort_run(onnx.load(str(EXAMPLE)), {"input": test["input"]})[0]
         after = ort_run(model, {"input": test["input"]})[0]
         acc = [float(np.mean(o.argmax(1) == test["label"])) for o in (before, after)]
-    assert acc[1] >= acc[0] - 0.03
+    assert acc[1] >= acc[0] - 0.05  # 256 held-out samples judge; 450 test images check
     assert report.to_dict()["search"]["metric"] == "accuracy"
     assert "metric accuracy" in report.to_text()
 
@@ -368,3 +368,26 @@ def test_provenance_says_calibration_for_a_pruned_calibrated_model(tmp_path, rng
                       verify=False)
     meta = {p.key: p.value for p in out.metadata_props}
     assert meta["onnxlr.calibration"] == "yes"
+
+
+def test_dynamic_sequence_dim_counts_macs_in_one_unit(rng, tmp_path):
+    """A layer on [N, seq, 32]: the graph counts its MACs per position, the layer timed alone
+    on its real input counts every row. The search's MAC saving must compare like with like
+    (it once reported a predicted MACs ratio of 825 on a BERT encoder)."""
+    from conftest import init, make_model, vinfo
+    from onnx import helper
+    w = (rng.standard_normal((32, 4)) @ rng.standard_normal((4, 32))).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")],
+                       [vinfo("x", ["N", "seq", 32])], [vinfo("y", None)], [init("w", w)])
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=rng.standard_normal((32, 64, 32)).astype(np.float32))
+    _, report = optimize(model, "svd", calib=str(calib), metric="rel_l2", max_drop=0.01,
+                         latency_cache=str(tmp_path / "lat.json"), timing_batch=32)
+    s = report.search
+    assert 0.0 <= s["predicted_macs_ratio"] <= 1.0, s["predicted_macs_ratio"]
+    (rec,) = report.records
+    rows = 16 * 64  # the timing batch after the half held out, times the sequence
+    for c in rec.candidates:
+        assert c["macs"] == rows * 32 * 2 * c["ranks"][0], c
+    (chosen,) = [c for c in rec.candidates if c["chosen"]]  # rank 4 holds the metric exactly
+    assert s["predicted_macs_ratio"] == pytest.approx(chosen["macs"] / (rows * 32 * 32))

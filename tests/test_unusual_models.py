@@ -182,6 +182,50 @@ def test_dynamic_batch_and_sequence_dims(rng):
     assert "x[3, 8, 9, 9]" in report.verify_inputs
 
 
+def export_style_linear(rng, *, transposed: bool, tied: bool = False):
+    """A PyTorch-export-like linear layer on [batch, seq, 32]: ``Add(bias, MatMul(x, W))`` with W
+    stored as given or as ``Transpose`` of the [out, in] weight (exports made without constant
+    folding); ``tied`` also uses that weight as an embedding table (a tied head)."""
+    # rank 8: a rank-8 factorisation is the same map, so the check is exact
+    w_out_in = (rng.standard_normal((24, 8)) @ rng.standard_normal((8, 32))).astype(np.float32)
+    bias = rng.standard_normal(24).astype(np.float32)
+    nodes = []
+    if transposed:
+        nodes.append(helper.make_node("Transpose", ["W"], ["Wt"], name="t", perm=[1, 0]))
+        inits = [init("W", w_out_in)]
+    else:
+        inits = [init("Wt", w_out_in.T.copy())]
+    nodes += [helper.make_node("MatMul", ["x", "Wt"], ["h"], name="lin/MatMul"),
+              helper.make_node("Add", ["b", "h"], ["y"], name="lin/Add")]
+    inputs, outputs = [vinfo("x", ["batch", "seq", 32])], [vinfo("y", None)]
+    if tied:
+        nodes.append(helper.make_node("Gather", ["W", "ids"], ["emb"], name="embed"))
+        inputs.append(vinfo("ids", ["batch", "seq"], TensorProto.INT64))
+        outputs.append(vinfo("emb", None))
+    return make_model(nodes, inputs, outputs, inits + [init("b", bias)]), w_out_in, bias
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_matmul_with_add_bias_and_transposed_weight_is_a_candidate(rng, transposed):
+    model, w, bias = export_style_linear(rng, transposed=transposed)
+    out, report = optimize(model, "svd", "8", max_error=1e-4)
+    rec = by_name(report)["lin/MatMul"]
+    assert rec.status == FACTORISED and rec.weight_shape == (32, 24), rec.reason
+    assert "x[1, 128, 32]" in report.verify_inputs  # seq defaulted, no --input-shape needed
+    x = rng.standard_normal((2, 5, 32)).astype(np.float32)
+    want = x.astype(np.float64) @ w.T.astype(np.float64) + bias
+    np.testing.assert_allclose(ort_run(out, {"x": x})[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_transposed_weight_tied_to_an_embedding_is_declined_with_the_reason(rng):
+    model, _, _ = export_style_linear(rng, transposed=True, tied=True)
+    _, report = optimize(model, "svd", "8", max_error=None)
+    rec = by_name(report)["lin/MatMul"]
+    assert rec.status == DECLINED
+    assert rec.reason == ("weight is a Transpose of 'W', which 1 other node(s) also use (tied "
+                          "weights, e.g. a head sharing an embedding): left alone")
+
+
 def opset_model(opset: int, rng):
     """Conv → Flatten → Gemm (with C) → MatMul, at ``opset``, with that opset's IR version;
     before IR 4 every initializer is also a graph input."""

@@ -11,4 +11,4 @@ dependencies.
 """
 
 #: model name → module in this package, in the order the suite runs them (cheap first)
-MODELS = ["digits_cnn", "sklearn_mlp", "magika", "ddddocr", "nudenet"]
+MODELS = ["digits_cnn", "sklearn_mlp", "debian_bert", "magika", "ddddocr", "nudenet"]

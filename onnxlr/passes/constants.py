@@ -33,3 +33,33 @@ class ConstantsToInitializers(Pass):
             node.outputs.clear()
             modified = True
         return PassResult(modified)
+
+
+class FoldConstantTranspose(Pass):
+    """``Transpose(W)`` of a constant → the transposed constant, so that ``MatMul(x, Transpose(W))``
+    (exports made without constant folding) is a candidate like ``MatMul(x, W^T)``.
+
+    Only when the Transpose is the constant's one user: a weight that other nodes also use
+    (a head tied to an embedding) stays as it is, and the layer is declined with that reason.
+    """
+
+    name = "fold-constant-transpose"
+
+    def call(self, graph: gs.Graph) -> PassResult:
+        modified = False
+        for node in graph.nodes:
+            if node.op != "Transpose" or len(node.inputs) != 1 or len(node.outputs) != 1:
+                continue
+            src, out = node.inputs[0], node.outputs[0]
+            if not isinstance(src, gs.Constant) or len(src.outputs) != 1 or is_graph_output(graph, out):
+                continue
+            values = np.asarray(src.values)
+            perm = node.attrs.get("perm") or list(range(values.ndim))[::-1]
+            const = gs.Constant(out.name, np.ascontiguousarray(values.transpose(perm)))
+            for consumer in list(out.outputs):
+                for i, t in enumerate(consumer.inputs):
+                    if t is out:
+                        consumer.inputs[i] = const
+            node.outputs.clear()
+            modified = True
+        return PassResult(modified)

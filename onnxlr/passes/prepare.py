@@ -1,5 +1,5 @@
-"""Prepare a model for every later step: constants as initializers, BatchNorm folded, nodes
-named uniquely. Nothing is factorised here; ``inspect`` and ``optimize`` both start from it.
+"""Prepare a model for every later step: constants as initializers, constant transposes
+folded, BatchNorm folded, nodes named uniquely. Nothing is factorised here; ``inspect`` and ``optimize`` both start from it.
 """
 from __future__ import annotations
 
@@ -7,16 +7,17 @@ import onnx
 
 from onnxlr.graph import to_graph, to_model
 from onnxlr.passes.base import PassManager
-from onnxlr.passes.constants import ConstantsToInitializers
+from onnxlr.passes.constants import ConstantsToInitializers, FoldConstantTranspose
 from onnxlr.passes.fold_bn import FoldBatchNorm
 
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Constant weights → initializers, BatchNorm folded into Convs, every node named
-    uniquely; nothing factorised."""
+    """Constant weights → initializers, transposes of constant weights folded, BatchNorm
+    folded into Convs, every node named uniquely; nothing factorised."""
     graph = to_graph(model)
     name_nodes(graph)
-    PassManager([ConstantsToInitializers(), FoldBatchNorm()], max_steps=2)(graph)
+    PassManager([ConstantsToInitializers(), FoldConstantTranspose(), FoldBatchNorm()],
+                max_steps=2)(graph)
     return to_model(graph, model)
 
 

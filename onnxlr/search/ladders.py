@@ -125,6 +125,7 @@ def build_ladders(build, feeds, timer: LayerTimer, *, multiple: int = 8, levels=
                                f"MACs: under the {100 * MIN_MAC_SHARE:g}% worth a ladder")
             continue
         ladder = Ladder(rec.name, rec.method, rec.macs_before, rec.params_before, 0.0)
+        timed = []
         names = dict.fromkeys([rec.method, *(alternatives or {}).get(rec.kind, ())])
         for name in names:
             method = METHODS[name]()
@@ -142,7 +143,9 @@ def build_ladders(build, feeds, timer: LayerTimer, *, multiple: int = 8, levels=
                                       f"{(t.speedup or 0.0) if t else 0.0:.2f}x alone"
                                       + (f" ({t.reason})" if t and t.reason else ""))
                 continue
-            for t in timer.trials(node, values, name, ranks[:-1]) + cheapest:
+            trials = timer.trials(node, values, name, ranks[:-1]) + cheapest
+            timed += trials
+            for t in trials:
                 label = f"{name} {t.ranks}"
                 if t.speedup is None:
                     ladder.dropped.append(f"{label}: {t.reason or 'could not be timed'}")
@@ -151,6 +154,10 @@ def build_ladders(build, feeds, timer: LayerTimer, *, multiple: int = 8, levels=
                 else:
                     ladder.rungs.append(Rung(Option(name, tuple(t.ranks)), t.macs, t.weight_error,
                                              t.local_error, t.ms_before, t.ms_after))
+        # MACs before and after counted on the same input: the isolated layer's real shape
+        # (the whole graph's count is per position where a dim is dynamic, e.g. a sequence)
+        ladder.macs_before = next((t.macs_before for t in timed if t.macs_before),
+                                  rec.macs_before)
         if ladder.rungs:
             kept = pareto(ladder.rungs)
             ladder.dropped += [f"{r.option.method} {r.option.ranks}: beaten on speed and error "
