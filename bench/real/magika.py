@@ -125,6 +125,10 @@ def roots() -> list[Path]:
     return [Path(paths["stdlib"]), Path(paths["purelib"]), Path("/usr/share")]
 
 
+#: Calibration files drawn before the test files (the rest, if any, after them).
+FIRST_CALIB = 64
+
+
 def prepare(cache: Path, quick: bool = False) -> Task:
     wheel = fetch_wheel("magika", VERSION, cache, platform=PLATFORM)
     folder = cache / NAME
@@ -137,7 +141,10 @@ def prepare(cache: Path, quick: bool = False) -> Task:
     index = {label: i for i, label in enumerate(labels)}
     found = find_files(roots(), extension_labels(kb, labels))
     n_eval, n_calib = (64, 16) if quick else (200, 256)
-    chosen = choose(found, per_label=8, total=10 * (n_eval + n_calib), seed=SEED)
+    first = min(n_calib, FIRST_CALIB)
+    # the same files and test split as the earlier runs (64 calibration files drawn first);
+    # further calibration files come from the files those runs did not use
+    chosen = choose(found, per_label=8, total=10 * (n_eval + first), seed=SEED)
     rows, names, truth = [], [], []
     for path, label in chosen:
         try:
@@ -149,7 +156,8 @@ def prepare(cache: Path, quick: bool = False) -> Task:
             names.append(str(path))
             truth.append(index[label])
     order = np.random.default_rng(SEED + 1).permutation(len(rows))
-    calib_idx, eval_idx = order[:n_calib], np.sort(order[n_calib:n_calib + n_eval])
+    eval_idx = np.sort(order[first:first + n_eval])
+    calib_idx = np.concatenate([order[:first], order[first + n_eval:][:n_calib - first]])
     x, y = np.stack(rows), np.asarray(truth)
     test_y = y[eval_idx]
 
@@ -167,7 +175,7 @@ def prepare(cache: Path, quick: bool = False) -> Task:
         agree=lambda r, c: top1_agreement(r, c, "target_label"),
         agreement="top-1 agreement with the original",
         notes=[f"{len(eval_idx)} real files ({len(counts)} types, at most 8 each) from the Python "
-               f"stdlib, site-packages and /usr/share, labelled by extension; {n_calib} other "
+               f"stdlib, site-packages and /usr/share, labelled by extension; {len(calib_idx)} other "
                f"files for calibration; timed at batch 1 (one file: ~0.3 GMAC)",
                "the files depend on the machine: their list and digests are in the JSON"],
         info={"model_sha256": sha256(model), "candidates": len(found),
