@@ -190,6 +190,9 @@ def one_setting(task, label: str, kwargs: dict, ctx: dict, args) -> dict:
         "bound_met": s["bound_met"], "calib_error": s["output_error"],
         "output_error": output_error(ctx["reference"], outputs),
         "metric": task.score(outputs) if task.score else None,
+        # the original's metric on the same held-out inputs, with this row (the inputs of
+        # some tasks depend on the machine, e.g. magika's files)
+        "baseline_metric": ctx.get("baseline_metric"),
         "agreement": task.agree(ctx["reference"], outputs),
         "speedup": speedup, "efficiency": speedup * s["macs_ratio"],
         "spread": max(base.p90_ms / base.p10_ms, cand.p90_ms / cand.p10_ms),
@@ -256,7 +259,8 @@ def run_model(name: str, args, params: set[str]) -> dict:
         base = runtime.make_session(str(task.model_path), threads=args.threads)
         reference = run_all(base, task.evaluate)
         ctx = {"calib_npz": calib_npz, "base": base, "reference": reference, "params": params,
-               "rounds": timing_rounds(base, task.timing, args)}
+               "rounds": timing_rounds(base, task.timing, args),
+               "baseline_metric": task.score(reference) if task.score else None}
         result = {
             "schema": SCHEMA, "name": name, "title": task.title, "source": task.source,
             "metric": task.metric, "agreement": task.agreement, "has_labels": task.score is not None,

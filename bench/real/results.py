@@ -29,7 +29,8 @@ def _f(x, spec: str = ".3f", none: str = "-") -> str:
 def metric_pair(result: dict, row: dict) -> tuple[float | None, float | None]:
     """(before, after) of the task metric: the labelled score, or agreement where no labels."""
     if result.get("has_labels"):
-        return result["baseline"]["metric"], row.get("metric")
+        base = row.get("baseline_metric")
+        return (result["baseline"]["metric"] if base is None else base), row.get("metric")
     return (1.0 if row.get("agreement") is not None else None), row.get("agreement")
 
 
