@@ -389,5 +389,9 @@ def test_dynamic_sequence_dim_counts_macs_in_one_unit(rng, tmp_path):
     rows = 16 * 64  # the timing batch after the half held out, times the sequence
     for c in rec.candidates:
         assert c["macs"] == rows * 32 * 2 * c["ranks"][0], c
-    (chosen,) = [c for c in rec.candidates if c["chosen"]]  # rank 4 holds the metric exactly
-    assert s["predicted_macs_ratio"] == pytest.approx(chosen["macs"] / (rows * 32 * 32))
+    chosen = [c for c in rec.candidates if c["chosen"]]
+    # whether a rung is measured faster alone is the machine's say (a 32-wide MatMul is
+    # tiny); either way the predicted ratio is in the ladder's one unit
+    expected = chosen[0]["macs"] / (rows * 32 * 32) if chosen else 1.0
+    assert len(chosen) <= 1
+    assert s["predicted_macs_ratio"] == pytest.approx(expected)

@@ -70,6 +70,7 @@ class Ladder:
     ms_before: float
     rungs: list[Rung] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # rungs left off, and why
+    samples: int = 0   # leading dim of the layer's captured input (the timing batch)
 
 
 #: Layers under this share of the candidate layers' MACs get no ladder: their replacement
@@ -158,6 +159,9 @@ def build_ladders(build, feeds, timer: LayerTimer, *, multiple: int = 8, levels=
         # (the whole graph's count is per position where a dim is dynamic, e.g. a sequence)
         ladder.macs_before = next((t.macs_before for t in timed if t.macs_before),
                                   rec.macs_before)
+        first = next((values[t.name] for t in node.inputs
+                      if t.name in values and getattr(values[t.name], "ndim", 0)), None)
+        ladder.samples = int(first.shape[0]) if first is not None else 0
         if ladder.rungs:
             kept = pareto(ladder.rungs)
             ladder.dropped += [f"{r.option.method} {r.option.ranks}: beaten on speed and error "

@@ -279,13 +279,31 @@ def _build(build, ladders, empty, assignment, allowed):
         j = assignment.get(rec.name, -1)
         rec.candidates = [r.to_dict(i == j) for i, r in enumerate(lad.rungs)]
         rec.extra["ladder_dropped"] = lad.dropped
+        per_sample = _per_sample(lad, rec)
+        if "macs_note" in rec.extra and per_sample:
+            # the graph's count is per position where a dim is symbolic (a sequence, a
+            # recurrent time axis): count on the layer's captured input instead, per sample
+            rec.macs_before = rec.macs_after = per_sample(lad.macs_before)
+            rec.extra["macs_note"] = "MACs per sample, counted on the captured input's shape"
         if j >= 0 and rec.status == FACTORISED:
             rung = lad.rungs[j]
             rec.latency_before_ms, rec.latency_after_ms = rung.ms_before, rung.ms_after
             rec.rank_rule = "searched"
+            if per_sample and "captured" in rec.extra.get("macs_note", ""):
+                rec.macs_after = per_sample(rung.macs)
             rec.output_error = rung.distortion
             rec.extra.update(local_error=rung.local_error, metric_drop_alone=rung.drop)
     return to_model(graph, build.prepared), records
+
+
+def _per_sample(lad, rec):
+    """MACs on the captured input → per sample: a conv's count leaves the batch out already,
+    a matrix product's counts every row, the batch's included."""
+    if not lad.macs_before or not lad.samples:
+        return None
+    if rec.kind in ("gemm", "matmul"):
+        return lambda macs: int(round(macs / lad.samples))
+    return lambda macs: int(macs)
 
 
 def _give_back(original, records, latency):
