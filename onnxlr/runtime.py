@@ -510,7 +510,9 @@ class Comparison:
                 "outputs": [asdict(o) for o in self.outputs]}
 
 
-def _class_rows(a: np.ndarray) -> np.ndarray | None:
+def class_rows(a: np.ndarray) -> np.ndarray | None:
+    """A float output shaped like class scores as [N, C] (C > 1, size-1 dims ignored), else None."""
+    a = np.asarray(a)
     if a.dtype.kind != "f" or a.ndim < 2:
         return None
     rest = [d for d in a.shape[1:] if d != 1]
@@ -529,7 +531,7 @@ def _compare_one(name: str, a: np.ndarray, b: np.ndarray) -> OutputComparison:
             max_abs = float(bool(np.any(mismatch)))
         return OutputComparison(name, frac, max_abs, 1.0 - frac, None)
     a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    rows_a, rows_b = _class_rows(a), _class_rows(b)
+    rows_a, rows_b = class_rows(a), class_rows(b)
     top1 = None
     if rows_a is not None and rows_b is not None and rows_a.shape[0] > 0:
         top1 = float(np.mean(np.argmax(rows_a, axis=1) == np.argmax(rows_b, axis=1)))

@@ -25,12 +25,7 @@ class ConstantsToInitializers(Pass):
             out = node.outputs[0] if node.outputs else None
             if not isinstance(value, gs.Constant) or out is None or is_graph_output(graph, out):
                 continue
-            const = gs.Constant(out.name, np.asarray(value.values))
-            for consumer in list(out.outputs):
-                for i, t in enumerate(consumer.inputs):
-                    if t is out:
-                        consumer.inputs[i] = const
-            node.outputs.clear()
+            _replace_with_constant(node, gs.Constant(out.name, np.asarray(value.values)))
             modified = True
         return PassResult(modified)
 
@@ -55,11 +50,18 @@ class FoldConstantTranspose(Pass):
                 continue
             values = np.asarray(src.values)
             perm = node.attrs.get("perm") or list(range(values.ndim))[::-1]
-            const = gs.Constant(out.name, np.ascontiguousarray(values.transpose(perm)))
-            for consumer in list(out.outputs):
-                for i, t in enumerate(consumer.inputs):
-                    if t is out:
-                        consumer.inputs[i] = const
-            node.outputs.clear()
+            _replace_with_constant(
+                node, gs.Constant(out.name, np.ascontiguousarray(values.transpose(perm))))
             modified = True
         return PassResult(modified)
+
+
+def _replace_with_constant(node: gs.Node, const: gs.Constant) -> None:
+    """Every reader of ``node``'s output reads ``const`` instead; the node is left dangling
+    (cleanup removes it)."""
+    out = node.outputs[0]
+    for consumer in list(out.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is out:
+                consumer.inputs[i] = const
+    node.outputs.clear()

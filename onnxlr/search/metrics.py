@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 
 from onnxlr.errors import OnnxlrError
+from onnxlr.runtime import class_rows
 
 Outputs = dict[str, np.ndarray]
 
@@ -71,19 +72,9 @@ def _float_outputs(outputs: Outputs) -> list[str]:
     return [k for k, v in outputs.items() if np.asarray(v).dtype.kind == "f" and np.asarray(v).size]
 
 
-def _class_rows(a: np.ndarray) -> np.ndarray | None:
-    a = np.asarray(a)
-    if a.dtype.kind != "f" or a.ndim < 2:
-        return None
-    rest = [d for d in a.shape[1:] if d != 1]
-    if len(rest) != 1 or rest[0] < 2:
-        return None
-    return a.reshape(a.shape[0], rest[0])
-
-
 def class_outputs(outputs: Outputs) -> list[str]:
     """Outputs shaped like class scores [N, C] (C > 1, size-1 dims ignored)."""
-    return [k for k, v in outputs.items() if _class_rows(v) is not None]
+    return [k for k, v in outputs.items() if class_rows(v) is not None]
 
 
 def _accuracy(reference: Outputs, candidate: Outputs, labels) -> float:
@@ -93,7 +84,7 @@ def _accuracy(reference: Outputs, candidate: Outputs, labels) -> float:
     names = class_outputs(reference)
     if not names:
         raise OnnxlrError("metric 'accuracy' needs a class-score output [N, C]; the model has none")
-    rows = _class_rows(candidate[names[0]])
+    rows = class_rows(candidate[names[0]])
     labels = np.asarray(labels).reshape(-1)
     if rows.shape[0] != labels.shape[0]:
         raise OnnxlrError(f"metric 'accuracy': {labels.shape[0]} labels for {rows.shape[0]} "
@@ -105,7 +96,7 @@ def _top1(reference: Outputs, candidate: Outputs, labels) -> float:
     names = class_outputs(reference)
     if not names:
         raise OnnxlrError("metric 'top1' needs a class-score output [N, C]; the model has none")
-    return min(float(np.mean(_class_rows(reference[k]).argmax(1) == _class_rows(candidate[k]).argmax(1)))
+    return min(float(np.mean(class_rows(reference[k]).argmax(1) == class_rows(candidate[k]).argmax(1)))
                for k in names)
 
 
