@@ -83,7 +83,11 @@ def refit_sequentially(original: onnx.ModelProto, model: onnx.ModelProto, layers
     todo = sorted((lay for lay in layers if _stage(out, lay) is not None),
                   key=lambda lay: order[_stage(out, lay).name])
     done: list[Refitted] = []
+    if not todo:
+        return out, done
     t0 = time.perf_counter()
+    # one session of the original serves every layer's target (the model itself never changes)
+    ref_session = _session(original, [_stage(out, lay).output[0] for lay in todo], provider)
     for i, layer in enumerate(todo):
         if progress:
             progress(i, len(todo), f"refit {layer}")
@@ -93,7 +97,6 @@ def refit_sequentially(original: onnx.ModelProto, model: onnx.ModelProto, layers
         weight = inits.get(node.input[1])
         if weight is None:
             continue
-        ref_session = _session(original, [target], provider)
         cur_session = _session(out, [hidden, target], provider)
         k = None
         for feeds in batches:
@@ -104,7 +107,7 @@ def refit_sequentially(original: onnx.ModelProto, model: onnx.ModelProto, layers
             if k is None:
                 k = z.shape[1]
                 gram, cross = np.zeros((k + 1, k + 1)), np.zeros((k + 1, y.shape[1]))
-                err_num = err_den = 0.0
+                err_num = 0.0
                 ysum, ysq, n = np.zeros(y.shape[1]), np.zeros(y.shape[1]), 0
             gram += z1.T @ z1
             cross += z1.T @ y
@@ -115,7 +118,7 @@ def refit_sequentially(original: onnx.ModelProto, model: onnx.ModelProto, layers
         if not k or n <= k + 1:
             continue
         err_den = float(np.sum(ysq - ysum ** 2 / n))
-        solution = _solve(node, out, inits, gram, cross)
+        solution = _solve(node, gram, cross)
         if solution is None:
             continue
         b, c = solution
@@ -135,7 +138,7 @@ def refit_sequentially(original: onnx.ModelProto, model: onnx.ModelProto, layers
     return out, done
 
 
-def _solve(node, model, inits, gram, cross):
+def _solve(node, gram, cross):
     """(B [k, T], c [T]) minimising Σ‖B·z + c − y‖² (+ a tiny ridge), intercept where the
     last stage can carry a bias (Gemm's C, a Conv's bias; a MatMul's comes after it)."""
     k = gram.shape[0] - 1

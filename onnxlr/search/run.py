@@ -103,10 +103,8 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
         # the refit lowers every layer's error: go further along the path where it holds
         # (from the original itself when no step held the bound without it)
         t2 = time.perf_counter()
-        further = judge.extend(steps, chosen.account["bisected_steps"], built,
-                               target=target_speedup is None and target_flops is None)
-        if further is not None:
-            built = further
+        built = judge.extend(steps, chosen.account["bisected_steps"], built,
+                             target=target_speedup is None and target_flops is None)
         refit = {**built.refit, "seconds": time.perf_counter() - t2,
                  "checks": judge.refit_checks}
         logger.info("search: sequential refit: %d layers changed, metric %.4f (%s) after %d "
