@@ -275,13 +275,14 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
     return result, report
 
 
-#: At most this many calibration samples feed the search's sequential refit.
-REFIT_SAMPLES = 64
+#: At most this many calibration samples feed the search's fits (the prune rungs' statistics
+#: all of them, the sequential refit the first ``search.run.REFIT_SAMPLES``).
+FIT_SAMPLES = 512
 
 
 def _fit_batches(prepared, calib, calib_samples, heldout) -> list[dict] | None:
     """The calibration samples the layer statistics came from (never the held-out ones the
-    search judges on), at most :data:`REFIT_SAMPLES`, as feed batches; None without --calib."""
+    search judges on), at most :data:`FIT_SAMPLES`, as feed batches; None without --calib."""
     if calib is None:
         return None
     from onnxlr.activations import _holdout_size
@@ -290,7 +291,7 @@ def _fit_batches(prepared, calib, calib_samples, heldout) -> list[dict] | None:
     if heldout is not None:
         source = source.split(_holdout_size(source, SEARCH_HOLDOUT["holdout_fraction"],
                                             SEARCH_HOLDOUT["holdout_cap"]))[0]
-    return list(source.head(min(REFIT_SAMPLES, source.num_samples)))
+    return list(source.head(min(FIT_SAMPLES, source.num_samples)))
 
 
 def _check_loadable(original: onnx.ModelProto, result: onnx.ModelProto) -> None:

@@ -42,21 +42,33 @@ class Rung:
     ms_after: float
     drop: float | None = None       # metric drop with this rung alone in the model
     distortion: float | None = None  # worst output rel. L2 with this rung alone
+    #: "layer": timed as the layer alone; "chain": a prune rung, timed as the whole channel
+    #: chain (producer → ops → consumer), whose own baseline is the chain's time
+    scope: str = "layer"
+    locks: str | None = None        # a layer that must keep no low-rank rung beside this one
+    neighbour_macs: int = 0         # MACs this rung also saves outside its layer (producer)
 
     @property
     def speedup(self) -> float:
         return self.ms_before / self.ms_after
 
     def saved_ms(self, layer_ms: float) -> float:
-        """Milliseconds saved on a layer that takes ``layer_ms``, by this rung's paired ratio."""
-        return layer_ms * (1.0 - 1.0 / self.speedup)
+        """Milliseconds saved on a layer that takes ``layer_ms``, by this rung's paired ratio
+        (a chain's rung: on the chain's own measured time)."""
+        base = self.ms_before if self.scope == "chain" else layer_ms
+        return base * (1.0 - 1.0 / self.speedup)
+
+    def macs_saved(self, layer_macs: int) -> int:
+        return layer_macs - self.macs + self.neighbour_macs
 
     def to_dict(self, chosen: bool = False) -> dict:
         return {"method": self.option.method, "ranks": list(self.option.ranks),
                 "macs": self.macs, "weight_error": self.weight_error,
                 "local_error": self.local_error, "latency_before_ms": self.ms_before,
                 "latency_ms": self.ms_after, "speedup": self.speedup,
-                "metric_drop": self.drop, "output_error": self.distortion, "chosen": chosen}
+                "metric_drop": self.drop, "output_error": self.distortion, "chosen": chosen,
+                **({"timed": "the channel chain", "producer": self.locks,
+                    "producer_macs_saved": self.neighbour_macs} if self.scope == "chain" else {})}
 
 
 @dataclass
@@ -71,6 +83,7 @@ class Ladder:
     rungs: list[Rung] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # rungs left off, and why
     samples: int = 0   # leading dim of the layer's captured input (the timing batch)
+    chain: str | None = None  # the channel chain its prune rungs act on, if any
 
 
 #: Layers under this share of the candidate layers' MACs get no ladder: their replacement

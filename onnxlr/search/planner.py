@@ -27,7 +27,7 @@ import numpy as np
 
 from onnxlr import runtime
 from onnxlr.search.ladders import Ladder
-from onnxlr.search.metrics import Metric
+from onnxlr.search.metrics import Metric, drop_bound
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,21 @@ def damage(rung, max_drop: float) -> float:
     return drop + TIE_BREAK * max(max_drop, 1e-6) * err
 
 
+def conflict(ladders: list[Ladder], assignment: dict[str, int]) -> str | None:
+    """Why an assignment cannot be built as scored, or None: a prune rung's producer must
+    not take a low-rank rung (the gated graph scores the producer's original rows)."""
+    by = {lad.layer: lad for lad in ladders}
+    for layer, j in assignment.items():
+        locked = by[layer].rungs[j].locks
+        if locked in assignment and locked in by and \
+                by[locked].rungs[assignment[locked]].scope != "chain":
+            return f"{layer} prunes the outputs of {locked}, which takes a low-rank rung"
+    return None
+
+
 def greedy_path(ladders: list[Ladder], max_drop: float) -> list[Step]:
-    """The order in which layers move down their ladders, cheapest damage per ms first."""
+    """The order in which layers move down their ladders, cheapest damage per ms first
+    (never into an assignment that :func:`conflict` refuses)."""
     state = {lad.layer: -1 for lad in ladders}
     saved = {lad.layer: 0.0 for lad in ladders}
     macs = {lad.layer: 0 for lad in ladders}
@@ -72,6 +85,10 @@ def greedy_path(ladders: list[Ladder], max_drop: float) -> list[Step]:
                 gain = lad.rungs[j].saved_ms(lad.ms_before) - saved[lad.layer]
                 if gain <= 0:
                     continue
+                trial = {k: v for k, v in state.items() if v >= 0}
+                trial[lad.layer] = j
+                if conflict(ladders, trial):
+                    continue
                 cost = max(damage(lad.rungs[j], max_drop) - cur_damage, 0.0) / gain
                 if best is None or cost < best[0]:
                     best = (cost, lad, j)
@@ -80,7 +97,7 @@ def greedy_path(ladders: list[Ladder], max_drop: float) -> list[Step]:
         _, lad, j = best
         state[lad.layer] = j
         saved[lad.layer] = lad.rungs[j].saved_ms(lad.ms_before)
-        macs[lad.layer] = lad.macs_before - lad.rungs[j].macs
+        macs[lad.layer] = lad.rungs[j].macs_saved(lad.macs_before)
         steps.append(Step(tuple((k, v) for k, v in state.items() if v >= 0), lad.layer, j,
                           sum(saved.values()), sum(macs.values())))
 
@@ -129,10 +146,12 @@ class Planner:
                 rung.distortion = runtime.compare_outputs(ref, out).worst_rel_l2
 
     def drop_of(self, assignment: dict[str, int]) -> float:
+        """The assignment's drop bound (:func:`onnxlr.search.metrics.drop_bound`)."""
         out = self.gated.run(assignment, self.feeds)
         drop = self.baseline - self.metric.score(self.reference, out, self.labels)
-        self.checks.append({"layers": len(assignment), "drop": drop})
-        return drop
+        bound = drop_bound(self.metric, self.reference, out, self.labels)
+        self.checks.append({"layers": len(assignment), "drop": drop, "drop_bound": bound})
+        return bound
 
     def feasible(self, assignment: dict[str, int]) -> bool:
         return self.drop_of(assignment) <= self.max_drop + 1e-12
@@ -160,7 +179,7 @@ class Planner:
             if current.get(step.layer, -1) >= step.rung:
                 continue
             trial = {**current, step.layer: step.rung}
-            if self.feasible(trial):
+            if conflict(self.ladders, trial) is None and self.feasible(trial):
                 current = trial
         return current
 
@@ -169,7 +188,7 @@ def predicted(ladders: list[Ladder], assignment: dict[str, int]) -> tuple[float,
     """(ms saved, MACs saved) of an assignment, from the layers timed alone."""
     by = {lad.layer: lad for lad in ladders}
     ms = sum(by[k].rungs[j].saved_ms(by[k].ms_before) for k, j in assignment.items())
-    macs = sum(by[k].macs_before - by[k].rungs[j].macs for k, j in assignment.items())
+    macs = sum(by[k].rungs[j].macs_saved(by[k].macs_before) for k, j in assignment.items())
     return ms, macs
 
 

@@ -49,7 +49,22 @@ def _rows(a: np.ndarray, kind: str) -> np.ndarray:
     return a.reshape(-1, a.shape[-1])
 
 
-def _stage(model: onnx.ModelProto, layer: str) -> onnx.NodeProto | None:
+def _stage(model: onnx.ModelProto, layer: str, pruned: bool = False) -> onnx.NodeProto | None:
+    """The node whose weight the refit re-solves: a chain's last stage, or a pruned layer
+    itself when it is a matrix product or a 1×1 conv (a k×k conv's rows are patches)."""
+    if pruned:
+        node = next((n for n in model.graph.node if n.name == layer), None)
+        if node is None or node.op_type not in ("Gemm", "MatMul", "Conv"):
+            return None
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Gemm" and attrs.get("transA", 0):
+            return None
+        if node.op_type == "Conv":
+            w = next((t for t in model.graph.initializer if t.name == node.input[1]), None)
+            if w is None or any(d != 1 for d in w.dims[2:]) or attrs.get("group", 1) != 1 or \
+                    any(attrs.get("pads", [0])) or any(s != 1 for s in attrs.get("strides", [1])):
+                return None
+        return node
     names = {f"{layer}{suffix}" for suffix in LAST_STAGES}
     return next((n for n in model.graph.node if n.name in names), None)
 
@@ -66,8 +81,9 @@ def _session(model: onnx.ModelProto, tensors: list[str], provider: str):
 
 
 def refit_sequentially(original: onnx.ModelProto, model: onnx.ModelProto, layers: list[str],
-                       batches: list[dict], *, provider: str = "cpu",
-                       progress=None) -> tuple[onnx.ModelProto, list[Refitted]]:
+                       batches: list[dict], *, provider: str = "cpu", progress=None,
+                       pruned: set[str] | frozenset = frozenset()
+                       ) -> tuple[onnx.ModelProto, list[Refitted]]:
     """A copy of ``model`` with every listed layer's last stage refitted, in graph order.
 
     Args:
@@ -75,23 +91,27 @@ def refit_sequentially(original: onnx.ModelProto, model: onnx.ModelProto, layers
         model: the compressed model built from it (same layer names).
         layers: the replaced layers to refit (others are skipped).
         batches: fitting feeds (never the samples the result is judged on).
+        pruned: the layers that lost input channels (their own weight is refit).
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inits = {t.name: t for t in out.graph.initializer}
     order = {n.name: i for i, n in enumerate(out.graph.node)}
-    todo = sorted((lay for lay in layers if _stage(out, lay) is not None),
-                  key=lambda lay: order[_stage(out, lay).name])
+    known = {o for n in original.graph.node for o in n.output}
+    stages = {lay: _stage(out, lay, lay in pruned) for lay in layers}
+    # the target is the original layer's output, by name: a stage must write that tensor
+    stages = {lay: st for lay, st in stages.items() if st is not None and st.output[0] in known}
+    todo = sorted(stages, key=lambda lay: order[stages[lay].name])
     done: list[Refitted] = []
     if not todo:
         return out, done
     t0 = time.perf_counter()
     # one session of the original serves every layer's target (the model itself never changes)
-    ref_session = _session(original, [_stage(out, lay).output[0] for lay in todo], provider)
+    ref_session = _session(original, [stages[lay].output[0] for lay in todo], provider)
     for i, layer in enumerate(todo):
         if progress:
             progress(i, len(todo), f"refit {layer}")
-        node = _stage(out, layer)
+        node = stages[layer]
         kind = "conv" if node.op_type == "Conv" else "matrix"
         hidden, target = node.input[0], node.output[0]
         weight = inits.get(node.input[1])
@@ -103,6 +123,11 @@ def refit_sequentially(original: onnx.ModelProto, model: onnx.ModelProto, layers
             y = _rows(runtime.run(ref_session, feeds)[target], kind)
             got = runtime.run(cur_session, feeds)
             z, y_now = _rows(got[hidden], kind), _rows(got[target], kind)
+            if y_now.shape[1] != y.shape[1]:
+                # its consumer pruned this layer's outputs: the original's target no longer
+                # lines up column for column (left as fitted)
+                k = None
+                break
             z1 = np.hstack([z, np.ones((z.shape[0], 1))])
             if k is None:
                 k = z.shape[1]

@@ -22,8 +22,10 @@ from onnxlr.passes.factorize import Factorize
 from onnxlr.records import FACTORISED, REVERTED
 from onnxlr.search.gated import GatedModel
 from onnxlr.search.ladders import AUTO_ALTERNATIVES, build_ladders
-from onnxlr.search.metrics import check_reference, resolve_metric
+from onnxlr.search.metrics import CONFIDENCE, check_reference, drop_bound, resolve_metric
 from onnxlr.search.planner import Planner, choose, greedy_path, subset
+from onnxlr.search.pruning import PRUNE, PruneBuilder, add_prune_rungs, layer_cost
+from onnxlr.search.pruning import apply as apply_pruning
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,9 @@ TIMING_BATCH = 64
 SENSITIVITY_SAMPLES = 128
 #: ... fewer (at least 8) when scoring every rung on that many would take longer than this.
 SENSITIVITY_SECONDS = 90.0
+#: The sequential refit sees at most this many of the fitting samples (each refitted layer
+#: costs a run of both models on them); the prune rungs' statistics see them all.
+REFIT_SAMPLES = 64
 
 
 def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
@@ -65,14 +70,30 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
     logger.info("search: %d layers with %d candidates measured faster alone (%d without) in "
                 "%.0f s", len(ladders), sum(len(lad.rungs) for lad in ladders), len(empty),
                 t_ladders)
+    fits, pruned_account, builder = {}, None, None
+    if auto and fit_batches:
+        t_prune = time.perf_counter()
+        chains, fits, pruned_account = add_prune_rungs(
+            build, ladders, empty, timing, timer, fit_batches,
+            multiple=max(8, build.config.rank_multiple), progress=progress)
+        pruned_account["seconds"] = time.perf_counter() - t_prune
+        builder = PruneBuilder(chains)
+        logger.info("search: %d prune candidates on %d channel chains in %.0f s",
+                    pruned_account["fitted"], len(chains), pruned_account["seconds"])
+    t_ladders = time.perf_counter() - t0
     factorize = Factorize(build.config, cache=build.cache)
 
     def factors(method_name, site, ranks):
+        if method_name == PRUNE:
+            return fits[(site.node.name, int(ranks[0]))]
         return factorize.factors(factorize.method(method_name), site, tuple(ranks))
+
+    def methods(name):
+        return builder if name == PRUNE else factorize.method(name)
 
     gated = GatedModel(build.prepared, {lad.layer: [r.option for r in lad.rungs]
                                         for lad in ladders},
-                       factors, factorize.method, provider=verifier.provider)
+                       factors, methods, provider=verifier.provider)
     planner = Planner(gated, ladders, metric, allowed, reference=reference,
                       feeds=verifier.feeds, labels=labels, progress=progress)
     t1 = time.perf_counter()
@@ -96,7 +117,7 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
                 len(steps), len(planner.checks), len(chosen.assignment),
                 chosen.account["check_seconds"])
     judge = _Judge(build, ladders, empty, allowed, metric, reference, labels, verifier,
-                   fit_batches)
+                   _head(fit_batches, REFIT_SAMPLES), fits)
     built = judge(chosen.assignment)
     refit = None
     if fit_batches and steps:
@@ -129,14 +150,17 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
         "sensitivity_samples": min(samples, _samples(verifier.feeds)),
         "model_ms_before": model_ms, "target_speedup": target_speedup,
         "target_flops": target_flops, **chosen.account, "refit": refit,
+        "pruning": pruned_account,
         "seconds": {"ladders": t_ladders, "sensitivity": t_sens,
                     "total": time.perf_counter() - t0},
     }
-    account["met_bound"] = account["drop"] <= allowed + 1e-12
+    account["drop_bound"] = judge.bound(built)
+    account["confidence"] = CONFIDENCE
+    account["met_bound"] = account["drop_bound"] <= allowed + 1e-12
     if latency is not None and latency["speedup"] < 1.0:
         model, records, latency = _give_back(original, records, latency)
         account["returned"] = "input"
-        account["score_after"], account["drop"] = baseline, 0.0
+        account["score_after"], account["drop"], account["drop_bound"] = baseline, 0.0, 0.0
         comparison = runtime.compare_outputs(reference, reference)
     if evaluate is not None:
         account["evaluation"] = _evaluate(original, model, metric, evaluate, verifier.provider)
@@ -179,8 +203,10 @@ class _Judge:
     output error is lower (a metric over a few hundred samples is too coarse to tell)."""
 
     def __init__(self, build, ladders, empty, allowed, metric, reference, labels, verifier,
-                 fit_batches):
+                 fit_batches, fits=None):
         self.build, self.ladders, self.empty, self.allowed = build, ladders, empty, allowed
+        self.fits = fits or {}
+        self.bounds: dict[int, float] = {}   # drop bound by id(outputs)
         self.metric, self.reference, self.labels = metric, reference, labels
         self.verifier, self.fit_batches = verifier, fit_batches
         self.baseline = metric.score(reference, reference, labels)
@@ -188,24 +214,28 @@ class _Judge:
 
     def _score(self, model):
         out = runtime.run(_session(model, self.verifier.provider), self.verifier.feeds)
+        self.bounds[id(out)] = drop_bound(self.metric, self.reference, out, self.labels)
         return out, self.metric.score(self.reference, out, self.labels), \
             runtime.compare_outputs(self.reference, out).worst_rel_l2
 
     def __call__(self, assignment: dict, refit: bool = True) -> _Built:
-        model, records = _build(self.build, self.ladders, self.empty, assignment, self.allowed)
+        model, records = _build(self.build, self.ladders, self.empty, assignment, self.allowed,
+                                self.fits)
         out, score, dist = self._score(model)
         plain = _Built(dict(assignment), model, records, out, score, dist)
         if not (refit and self.fit_batches and assignment):
             return plain
         from onnxlr.search.refit import refit_sequentially
         self.refit_checks += 1
+        pruned = {k for k, j in assignment.items() if _rung(self.ladders, k, j).scope == "chain"}
         refitted, done = refit_sequentially(self.build.prepared, model, list(assignment),
-                                            self.fit_batches, provider=self.verifier.provider)
+                                            self.fit_batches, provider=self.verifier.provider,
+                                            pruned=pruned)
         out2, score2, dist2 = self._score(refitted)
         info = {"layers": len(done), "score_without": score, "score_with": score2,
                 "output_error_without": dist, "output_error_with": dist2,
                 "layer_errors": {r.layer: [r.before, r.after] for r in done}}
-        ok = self.baseline - score2 <= self.allowed + 1e-12
+        ok = self.bounds[id(out2)] <= self.allowed + 1e-12
         if ok and (dist2 < dist or score2 > score):
             for rec in records:
                 if rec.name in info["layer_errors"]:
@@ -215,8 +245,11 @@ class _Judge:
         plain.refit = {**info, "kept": False}
         return plain
 
+    def bound(self, built: _Built) -> float:
+        return self.bounds[id(built.outputs)]
+
     def feasible(self, built: _Built) -> bool:
-        return self.baseline - built.score <= self.allowed + 1e-12
+        return self.bound(built) <= self.allowed + 1e-12
 
     def extend(self, steps, t: int, best: _Built, *, target: bool) -> _Built:
         """With the refit, the longest path prefix beyond ``t`` that holds the bound (by
@@ -243,6 +276,27 @@ def _saved(ladders, assignment) -> float:
     return predicted(ladders, assignment)[0]
 
 
+def _rung(ladders, layer, j):
+    return next(lad for lad in ladders if lad.layer == layer).rungs[j]
+
+
+def _head(batches: list[dict] | None, n: int) -> list[dict] | None:
+    """The first batches holding ``n`` samples (the last one cut)."""
+    if not batches:
+        return batches
+    out, have = [], 0
+    for b in batches:
+        size = _samples(b)
+        if have + size > n:
+            if n - have > 0:
+                out.append({k: (v[:n - have] if getattr(v, "ndim", 0) >= 1 else v)
+                            for k, v in b.items()})
+            break
+        out.append(b)
+        have += size
+    return out
+
+
 def _samples(feeds) -> int:
     sizes = [v.shape[0] for v in feeds.values() if getattr(v, "ndim", 0) >= 1]
     return int(max(sizes)) if sizes else 1
@@ -253,12 +307,15 @@ def _session(model, provider):
     return session(model, provider)
 
 
-def _build(build, ladders, empty, assignment, allowed):
+def _build(build, ladders, empty, assignment, allowed, fits=None):
     """The model with the chosen rungs, every other selected layer kept (with why)."""
     by = {lad.layer: lad for lad in ladders}
-    forced = {k: by[k].rungs[j].option.ranks for k, j in assignment.items()}
-    methods = {k: by[k].rungs[j].option.method for k, j in assignment.items()}
+    pruned = {k: j for k, j in assignment.items() if by[k].rungs[j].option.method == PRUNE}
+    lowrank = {k: j for k, j in assignment.items() if k not in pruned}
+    forced = {k: by[k].rungs[j].option.ranks for k, j in lowrank.items()}
+    methods = {k: by[k].rungs[j].option.method for k, j in lowrank.items()}
     keep = {name: f"search: {why}" for name, why in empty.items()}
+    keep.update({k: "search: pruned" for k in pruned})
     for lad in ladders:
         if lad.layer not in assignment:
             best = min(lad.rungs, key=lambda r: max(r.drop or 0.0, 0.0))
@@ -270,6 +327,9 @@ def _build(build, ladders, empty, assignment, allowed):
     graph = to_graph(build.prepared)
     result = Factorize(config, keep, build.cache)(graph)
     records = result.records
+    if pruned:
+        _prune(graph, records, {k: fits[(k, by[k].rungs[j].option.ranks[0])]
+                                for k, j in pruned.items()})
     for rec in records:
         lad = by.get(rec.name)
         if lad is None:
@@ -292,6 +352,44 @@ def _build(build, ladders, empty, assignment, allowed):
             rec.output_error = rung.distortion
             rec.extra.update(local_error=rung.local_error, metric_drop_alone=rung.drop)
     return to_model(graph, build.prepared), records
+
+
+def _prune(graph, records, chosen: dict) -> None:
+    """Rewrite the chosen channel chains; the records say what changed, a producer's saving
+    counted in its consumer's record (as :mod:`onnxlr.passes.prune` does)."""
+    by = {r.name: r for r in records}
+    failed = apply_pruning(graph, chosen)
+    for layer, fitted in chosen.items():
+        rec = by.get(layer)
+        if rec is None:
+            continue
+        if layer in failed:
+            rec.reason = f"search: the chosen pruning no longer applies ({failed[layer]})"
+            continue
+        rec.status, rec.reason, rec.method = FACTORISED, "", PRUNE
+        rec.ranks, rec.weight_error = (len(fitted.kept),), fitted.error
+        rec.extra.update(removed_channels=fitted.channels - len(fitted.kept),
+                         producer=fitted.producer,
+                         error_kind="relative L2 error of the layer's output on the fitting "
+                                    "samples")
+    for rec in records:
+        cost = layer_cost(graph, rec.name)
+        if cost is None or cost == (rec.params_after, rec.macs_after):
+            continue
+        if rec.status == FACTORISED:
+            rec.params_after, rec.macs_after = cost
+            continue
+        driver = next((by[k] for k, f in chosen.items()
+                       if k in by and k not in failed and f.producer == rec.name), None)
+        if driver is None:
+            continue
+        driver.params_before += rec.params_before - cost[0]
+        driver.macs_before += rec.macs_before - cost[1]
+        driver.extra.setdefault("neighbour_saving", {})[rec.name] = {
+            "params": rec.params_before - cost[0], "macs": rec.macs_before - cost[1]}
+        rec.params_before, rec.macs_before = cost
+        rec.params_after, rec.macs_after = cost
+        rec.extra["changed_by"] = driver.name
 
 
 def _per_sample(lad, rec):

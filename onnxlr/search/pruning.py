@@ -1,0 +1,360 @@
+"""Channel pruning as search candidates, in the same ladders as the factorisations.
+
+A layer whose input comes from one other layer through per-channel ops (a *channel chain*,
+:mod:`onnxlr.passes.prune`: Relu, BatchNorm, pools, GELU as Erf/Mul/Add, a bias Add, a
+Flatten into a Gemm, …) can keep fewer of its input channels: the producer stops computing
+the others, the consumer's weights are refit by least squares on what is left (He et al.,
+ICCV 2017; for a transformer's FFN, MatMul → bias → GELU → MatMul, this is Kwon et al.
+2022's neuron pruning with its least-squares refit). Each kept-channel count is a *prune
+rung* on the consumer's ladder, next to its low-rank rungs; the planner picks at most one
+rung per layer, so pruning and factorisation compete for every layer.
+
+- **Timing**: the whole chain (producer → per-channel ops → consumer) is cut out and timed
+  against the same chain with the first k channels kept (only shapes matter for time), on
+  the producer's real input: the saving of the producer, of the ops between and of the
+  consumer, measured, not counted.
+- **Fit**: the consumer's input second moments (channel-major patch rows, F = C·K wide,
+  bounded by :data:`onnxlr.passes.prune.MAX_FEATURES`) are captured in one run over the
+  fitting samples for every candidate; LASSO picks the channels, least squares the weights
+  (:func:`onnxlr.linalg.channel_select.select_channels`), only for rungs measured faster.
+- **Gated graph**: a prune rung is ``Gather(x, kept) → consumer'``: the consumer's output
+  with the dropped channels gone is exactly what the pruned model computes, so the search
+  scores what the user gets. Its producer then must not take a low-rank rung (the rung
+  ``locks`` it: dropping rows of a factorised producer is a different model than the one
+  that was scored); pruning both a layer's inputs and its outputs composes and is allowed.
+- **Build**: after the factorisations, :func:`apply` rewrites each chosen chain in graph
+  order with the fitted channels and weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxlr import runtime
+from onnxlr.graph import NameScope, to_graph
+from onnxlr.linalg.channel_select import PatchStats, select_channels
+from onnxlr.passes.prune import (MAX_FEATURES, ChannelChain, _set_consumer, chain_into,
+                                 consumer_weight, rewrite)
+from onnxlr.rank import round_rank
+from onnxlr.sites import find_site
+
+logger = logging.getLogger(__name__)
+
+PRUNE = "prune"
+#: Fractions of a consumer's input channels a prune rung keeps, most first.
+KEEP_LEVELS = (0.75, 0.5, 0.375, 0.25)
+#: Calibration rows (positions) each consumer's statistics see.
+MAX_ROWS = 8192
+#: Memory for all candidates' statistics captured in one run (F² float64 each).
+STATS_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class PruneFit:
+    """The channels one prune rung keeps and the consumer's weights over them."""
+
+    kept: np.ndarray            # sorted channel indices
+    weight: np.ndarray          # (N, k, K) float64, as :func:`consumer_weight`
+    bias_delta: np.ndarray | None
+    error: float | None         # rel. L2 of the consumer's output on the fitting rows
+    axis: int                   # the consumer input's channel axis
+    group: int                  # K: consumer input values per channel
+    layer: str = ""             # the consumer
+    producer: str = ""          # the layer whose output channels go
+    channels: int = 0           # C: the consumer's input channels before
+
+
+def prunable(graph: gs.Graph, layers: list[str]) -> tuple[dict[str, ChannelChain], dict[str, str]]:
+    """{consumer: its chain} for the layers whose input channels can go; {layer: why not}."""
+    nodes = {n.name: n for n in graph.nodes}
+    chains, why = {}, {}
+    for name in layers:
+        node = nodes.get(name)
+        if node is None:
+            continue
+        chain = chain_into(node, graph)
+        if isinstance(chain, str):
+            why[name] = chain
+        elif chain.channels * chain.group > MAX_FEATURES:
+            why[name] = (f"{chain.channels * chain.group} input values per position, over the "
+                         f"{MAX_FEATURES} the pruning statistics allow")
+        elif node.op == "Gemm" and int(node.attrs.get("transA", 0)):
+            why[name] = "Gemm with transA"
+        elif node.op == "Conv" and int(node.attrs.get("group", 1)) != 1:
+            why[name] = "grouped conv"
+        else:
+            chains[name] = chain
+    return chains, why
+
+
+def keep_counts(channels: int, levels=KEEP_LEVELS, multiple: int = 8) -> list[int]:
+    """Kept-channel counts for the levels, rounded to ``multiple`` where the layer allows."""
+    m = multiple if channels >= 2 * multiple else 1
+    counts = [round_rank(max(1, math.ceil(f * channels)), m, channels) for f in levels]
+    return [k for k in dict.fromkeys(counts) if 0 < k < channels]
+
+
+def channel_axis(chain: ChannelChain) -> int:
+    """Axis of the consumer's input that holds the channels (blocks of K after a Flatten)."""
+    if chain.consumer.op == "Conv":
+        return 1
+    if chain.consumer.op == "Gemm":
+        return 1
+    return -1
+
+
+def columns(kept: np.ndarray, group: int) -> np.ndarray:
+    """Consumer input columns of the kept channels (channel-major blocks of ``group``)."""
+    kept = np.asarray(kept, dtype=np.int64)
+    return (kept[:, None] * group + np.arange(group)[None, :]).reshape(-1)
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+def chain_graph(graph: gs.Graph, chain: ChannelChain) -> tuple[gs.Graph, str]:
+    """A graph of the chain alone (producer → ops → consumer) and its input's name."""
+    g = graph.copy()
+    nodes = {n.name: n for n in g.nodes}
+    members = [nodes[chain.producer.name]] + [nodes[n.name] for n in chain.nodes] + \
+        [nodes[chain.consumer.name]]
+    x = next(t for t in members[0].inputs if isinstance(t, gs.Variable) and t.name)
+    y = members[-1].outputs[0]
+    sub = gs.Graph(nodes=members, inputs=[x], outputs=[y], opset=g.opset,
+                   import_domains=g.import_domains, name=f"chain {chain.consumer.name}")
+    sub.cleanup(remove_unused_graph_inputs=False).toposort()
+    return sub, x.name
+
+
+def _export(graph: gs.Graph, ir_version: int) -> onnx.ModelProto:
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = ir_version
+    return model
+
+
+def _chain_key(chain: ChannelChain, feed: np.ndarray, keep: int, timer) -> str:
+    import onnxruntime
+    parts = {"chain": [(n.op, sorted((k, repr(v)) for k, v in n.attrs.items()),
+                        [list(t.shape) for t in n.inputs if isinstance(t, gs.Constant)])
+                       for n in [chain.producer, *chain.nodes, chain.consumer]],
+             "input": [list(feed.shape), str(feed.dtype)], "keep": keep,
+             "provider": timer.provider, "threads": timer.threads, "ort": onnxruntime.__version__}
+    return "prune:" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def time_chain(timer, graph: gs.Graph, chain: ChannelChain, feed: np.ndarray,
+               keeps: list[int], ir_version: int) -> dict[int, tuple[float, float]]:
+    """{keep: (ms of the chain, ms with the first ``keep`` channels)} on the real input."""
+    sub, x = chain_graph(graph, chain)
+    base = runtime.make_session(_export(sub, ir_version), provider=timer.provider,
+                                threads=timer.threads)
+    feeds = {x: feed}
+    out = {}
+    for keep in keeps:
+        key = _chain_key(chain, feed, keep, timer)
+        cached = timer.timing_cache.get(key)
+        if cached is None:
+            g = sub.copy()
+            c = chain_into(next(n for n in g.nodes if n.name == chain.consumer.name), g)
+            if isinstance(c, str):
+                continue
+            w = consumer_weight(c)[:, :keep]
+            rewrite(c, np.arange(keep), w, None, g, NameScope(g))
+            cand = runtime.make_session(_export(g, ir_version), provider=timer.provider,
+                                        threads=timer.threads)
+            cached = timer._time(base, cand, feeds)  # noqa: SLF001 (the layer timer's rounds)
+            timer.timing_cache.put(key, cached)
+        out[keep] = (cached[0], cached[1])
+    return out
+
+
+# --- statistics and fits ----------------------------------------------------------------------
+
+def capture_stats(model: onnx.ModelProto, chains: dict[str, ChannelChain],
+                  batches: list[dict], *, provider: str = "cpu", seed: int = 0
+                  ) -> dict[str, PatchStats]:
+    """Second moments of every chain's consumer input, over the fitting batches (one run of
+    the model per batch for as many chains as :data:`STATS_BYTES` allows together)."""
+    from onnxlr.activations import site_rows
+    from onnxlr.calib import expose
+
+    samples = sum(int(next(iter(b.values())).shape[0]) for b in batches) or 1
+    per_sample = max(1, math.ceil(MAX_ROWS / samples))
+    names = list(chains)
+    stats: dict[str, PatchStats] = {}
+    while names:
+        group, used = [], 0
+        for name in list(names):
+            f = chains[name].channels * chains[name].group
+            if group and used + 8 * f * f > STATS_BYTES:
+                break
+            group.append(name)
+            used += 8 * f * f
+            names.remove(name)
+        tensors = {name: chains[name].tensors[-1].name for name in group}
+        session = runtime.make_session(expose(model, list(tensors.values())), provider=provider)
+        sites = {name: find_site(chains[name].consumer) for name in group}
+        for name in group:
+            stats[name] = PatchStats(chains[name].channels, chains[name].group)
+        for b, feeds in enumerate(batches):
+            got = runtime.run(session, feeds)
+            for name in group:
+                x = feeds.get(tensors[name], got.get(tensors[name]))
+                rows = site_rows(sites[name], np.asarray(x), max_positions=per_sample,
+                                 rng=np.random.default_rng([seed, b]))
+                stats[name].add(rows)
+    return stats
+
+
+def fit(chain: ChannelChain, stats: PatchStats, keep: int) -> PruneFit:
+    """He et al.'s LASSO channel choice and least-squares weights for ``keep`` channels."""
+    sel = select_channels(stats, consumer_weight(chain), keep)
+    return PruneFit(np.sort(np.asarray(sel.kept, dtype=np.int64)), sel.weight, sel.bias_delta,
+                    sel.error, channel_axis(chain), chain.group, chain.consumer.name,
+                   chain.producer.name, chain.channels)
+
+
+# --- the gated graph's candidate, and the final rewrite -----------------------------------------
+
+class PruneBuilder:
+    """Builds a prune rung in the gated graph: ``Gather(x, kept columns) → consumer'``
+    (the interface of :class:`onnxlr.methods.base.Method`'s ``build``)."""
+
+    name = PRUNE
+
+    def __init__(self, chains: dict[str, ChannelChain]):
+        self.chains = chains
+
+    def build(self, graph: gs.Graph, site, fitted: PruneFit, names: NameScope) -> None:
+        clone = site.node
+        x = clone.inputs[0]
+        # a conv's input holds channels on axis 1 (K is its kernel); a matrix product's input
+        # holds K columns per channel after a Flatten
+        index = fitted.kept if clone.op == "Conv" else columns(fitted.kept, fitted.group)
+        idx = gs.Constant(names(f"{clone.name}/kept"), np.asarray(index, dtype=np.int64))
+        picked = gs.Variable(names(f"{clone.name}/kept_input"), dtype=x.dtype)
+        graph.nodes.append(gs.Node("Gather", names(f"{clone.name}/keep"),
+                                   {"axis": fitted.axis}, [x, idx], [picked]))
+        clone.inputs[0] = picked
+        _set_consumer(replace(self.chains[fitted.layer], consumer=clone), fitted.weight,
+                      fitted.bias_delta, graph, names)
+
+
+def apply(graph: gs.Graph, fits: dict[str, PruneFit]) -> dict[str, str]:
+    """Rewrite every chosen chain (in graph order); {layer: why not} for any that no longer
+    traces (which the caller turns into a decline)."""
+    graph.toposort()
+    names = NameScope(graph)
+    failed = {}
+    for node in [n for n in graph.nodes if n.name in fits]:
+        chain = chain_into(node, graph)
+        if isinstance(chain, str):
+            failed[node.name] = chain
+            continue
+        f = fits[node.name]
+        rewrite(chain, f.kept, f.weight, f.bias_delta, graph, names)
+    graph.cleanup().toposort()
+    return failed
+
+
+def add_prune_rungs(build, ladders: list, empty: dict[str, str], feeds: dict, timer,
+                    batches: list[dict], *, multiple: int = 8, progress=None
+                    ) -> tuple[dict[str, ChannelChain], dict[tuple[str, int], PruneFit], dict]:
+    """Prune rungs on the ladders of every prunable layer the settings select (a new ladder
+    where the layer had none); returns the chains, the fits by (layer, keep) and an account."""
+    from onnxlr.budget import selected_layers
+    from onnxlr.latency import capture
+    from onnxlr.search.ladders import MIN_MAC_SHARE, MIN_RUNG_SPEEDUP, Ladder, Rung, pareto
+    from onnxlr.search.gated import Option
+
+    records = selected_layers(build)
+    total = sum(r.macs_before for r in records) or 1
+    graph = to_graph(build.prepared)
+    chains, why = prunable(graph, [r.name for r in records])
+    costs = {n.name: layer_cost(graph, n.name) for n in graph.nodes
+             if n.name in chains or any(c.producer.name == n.name for c in chains.values())}
+    account = {"chains": len(chains), "not_prunable": why, "timed": {}, "fitted": 0}
+    for name in list(chains):
+        share = (costs[name][1] + (costs.get(chains[name].producer.name) or (0, 0))[1]) / total
+        if share < MIN_MAC_SHARE:
+            del chains[name]
+    if not chains:
+        return {}, {}, account
+    x_names = {name: next(t.name for t in c.producer.inputs if isinstance(t, gs.Variable)
+                          and t.name) for name, c in chains.items()}
+    values = capture(build.prepared, feeds, list(x_names.values()), provider=timer.provider)
+    timed: dict[str, list[tuple[int, float, float]]] = {}
+    for i, (name, chain) in enumerate(chains.items()):
+        if progress:
+            progress(i, len(chains), f"timing pruned {name}")
+        keeps = keep_counts(chain.channels, multiple=multiple)
+        if not keeps:
+            continue
+        feed = values[x_names[name]]
+        cheapest = time_chain(timer, graph, chain, feed, keeps[-1:], build.prepared.ir_version)
+        if not cheapest or cheapest[keeps[-1]][0] / cheapest[keeps[-1]][1] < MIN_RUNG_SPEEDUP:
+            account["timed"][name] = "its fewest channels measured no faster"
+            continue
+        got = {**time_chain(timer, graph, chain, feed, keeps[:-1], build.prepared.ir_version),
+               **cheapest}
+        fast = [(k, a, b) for k, (a, b) in got.items() if a / b >= MIN_RUNG_SPEEDUP]
+        account["timed"][name] = {str(k): a / b for k, (a, b) in got.items()}
+        if fast:
+            timed[name] = fast
+    timer.timing_cache.save()
+    fits: dict[tuple[str, int], PruneFit] = {}
+    if not timed or not batches:
+        return chains, fits, account
+    stats = capture_stats(build.prepared, {n: chains[n] for n in timed}, batches,
+                          provider=timer.provider)
+    by = {lad.layer: lad for lad in ladders}
+    for name, rows in timed.items():
+        chain = chains[name]
+        params, macs = costs[name]
+        producer_macs = (costs.get(chain.producer.name) or (0, 0))[1]
+        lad = by.get(name)
+        if lad is None:
+            lad = Ladder(name, PRUNE, macs, params, 0.0)
+        rungs = []
+        for k, ms_a, ms_b in rows:
+            try:
+                f = fit(chain, stats[name], k)
+            except (np.linalg.LinAlgError, ValueError) as exc:
+                lad.dropped.append(f"prune ({k},): the fit failed ({exc})")
+                continue
+            fits[(name, k)] = f
+            rungs.append(Rung(Option(PRUNE, (k,)), int(round(lad.macs_before * k / chain.channels)),
+                              None, f.error, ms_a, ms_b, scope="chain", locks=chain.producer.name,
+                              neighbour_macs=int(producer_macs * (chain.channels - k)
+                                                 / chain.channels)))
+        account["fitted"] += len(rungs)
+        if not rungs:
+            continue
+        lad.chain = chain.describe()
+        merged = pareto(lad.rungs + rungs)
+        lad.dropped += [f"{r.option.method} {r.option.ranks}: beaten on speed and error by "
+                        f"another candidate" for r in lad.rungs + rungs if r not in merged]
+        lad.rungs = merged
+        if name not in by:
+            lad.ms_before = float(np.median([r.ms_before for r in rungs]))
+            ladders.append(lad)
+            by[name] = lad
+            empty.pop(name, None)
+    return chains, fits, account
+
+
+def layer_cost(graph: gs.Graph, name: str) -> tuple[int, int] | None:
+    node = next((n for n in graph.nodes if n.name == name), None)
+    site = None if node is None else find_site(node, graph)
+    return None if site is None or isinstance(site, str) else (site.params, site.macs)
+
+
+__all__ = ["KEEP_LEVELS", "PRUNE", "PruneBuilder", "PruneFit", "add_prune_rungs", "apply",
+           "capture_stats", "chain_graph", "columns", "fit", "keep_counts", "prunable",
+           "time_chain"]

@@ -1,0 +1,122 @@
+"""Channel pruning inside the search: prune rungs in the gated graph compute exactly the model
+that :func:`onnxlr.search.pruning.apply` builds, against a numpy float64 reference; the planner
+never combines a prune rung with a low-rank rung on its producer; the drop bound."""
+import itertools
+
+import numpy as np
+import pytest
+
+from conftest import ort_run, tiny_cnn
+from onnxlr.graph import to_graph, to_model
+from onnxlr.pipeline import prepare
+from onnxlr.search.gated import GatedModel, Option
+from onnxlr.search.ladders import Ladder, Rung
+from onnxlr.search.metrics import BUILTINS, drop_bound
+from onnxlr.search.planner import conflict, greedy_path
+from onnxlr.search.pruning import (PRUNE, PruneBuilder, apply, capture_stats, fit, keep_counts,
+                                   prunable)
+
+LAYERS = ["conv2", "conv3", "fc1", "fc2"]
+KEEP = {"conv2": 8, "conv3": 16, "fc1": 16, "fc2": 8}
+
+
+@pytest.fixture(scope="module")
+def pruned_setup():
+    prepared = prepare(tiny_cnn())
+    graph = to_graph(prepared)
+    chains, why = prunable(graph, LAYERS + ["conv1"])
+    assert set(chains) == set(LAYERS), why
+    assert "graph input" in why["conv1"]
+    rng = np.random.default_rng(3)
+    batches = [{"input": rng.standard_normal((16, 3, 8, 8)).astype(np.float32)}
+               for _ in range(4)]
+    stats = capture_stats(prepared, chains, batches)
+    fits = {name: fit(chains[name], stats[name], KEEP[name]) for name in LAYERS}
+    return prepared, chains, fits
+
+
+def test_prune_rungs_in_the_gated_graph_are_the_built_model(pruned_setup, rng):
+    prepared, chains, fits = pruned_setup
+    builder = PruneBuilder(chains)
+    gated = GatedModel(prepared, {k: [Option(PRUNE, (KEEP[k],))] for k in LAYERS},
+                       lambda m, site, ranks: fits[site.node.name], lambda m: builder)
+    x = {"input": rng.standard_normal((6, 3, 8, 8)).astype(np.float32)}
+    for combo in itertools.product([False, True], repeat=len(LAYERS)):
+        chosen = {k: fits[k] for k, on in zip(LAYERS, combo) if on}
+        graph = to_graph(prepared)
+        assert apply(graph, chosen) == {}
+        expected = ort_run(to_model(graph, prepared), x)[0]
+        got = gated.run({k: 0 for k in chosen}, x)["logits"]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_pruned_matmul_is_the_numpy_computation_on_its_kept_inputs(pruned_setup, rng):
+    """fc2 keeps 8 of its 24 inputs: logits = hr[:, kept] · W' + b + delta (float64)."""
+    prepared, chains, fits = pruned_setup
+    f = fits["fc2"]
+    x = {"input": rng.standard_normal((5, 3, 8, 8)).astype(np.float32)}
+    from onnxlr.latency import capture
+    hr = capture(prepared, x, ["hr"])["hr"].astype(np.float64)
+    b_out = next(np.asarray(t.values) for t in to_graph(prepared).tensors().values()
+                 if t.name == "b_out").astype(np.float64)
+    w = f.weight.reshape(f.weight.shape[0], -1)          # (N, k)
+    delta = 0 if f.bias_delta is None else f.bias_delta
+    reference = hr[:, f.kept] @ w.T + b_out + delta
+    graph = to_graph(prepared)
+    apply(graph, {"fc2": f})
+    got = ort_run(to_model(graph, prepared), x)[0]
+    np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-4)
+    assert len(f.kept) == 8 and f.channels == 24 and f.producer == "fc1"
+
+
+def test_pruning_the_producer_shrinks_its_rows(pruned_setup):
+    prepared, _, fits = pruned_setup
+    graph = to_graph(prepared)
+    apply(graph, {"conv3": fits["conv3"]})
+    conv2 = next(n for n in graph.nodes if n.name == "conv2")
+    assert conv2.inputs[1].values.shape[0] == KEEP["conv3"]
+
+
+def _rung(speedup, drop, *, chain=False, locks=None):
+    return Rung(Option(PRUNE if chain else "svd", (1,)), 10, 0.1, 0.1, 1.0, 1.0 / speedup,
+                drop=drop, distortion=0.0, scope="chain" if chain else "layer", locks=locks)
+
+
+def test_a_prune_rung_never_meets_a_low_rank_producer():
+    ladders = [
+        Ladder("a", "svd", 100, 100, 1.0, [_rung(2, 0.0), _rung(3, 0.001, chain=True)]),
+        Ladder("b", "svd", 100, 100, 1.0, [_rung(2.5, 0.0, chain=True, locks="a")]),
+    ]
+    assert conflict(ladders, {"a": 0, "b": 0}) is not None   # low-rank a, b prunes a's rows
+    assert conflict(ladders, {"a": 1, "b": 0}) is None       # pruning both composes
+    assert conflict(ladders, {"a": 0}) is None
+    steps = greedy_path(ladders, max_drop=0.01)
+    assert steps
+    for step in steps:
+        assert conflict(ladders, step.as_dict()) is None
+
+
+def test_keep_counts_are_rounded_and_below_the_channels():
+    assert keep_counts(256) == [192, 128, 96, 64]
+    assert keep_counts(10) == [8, 5, 4, 3]
+    assert all(0 < k < 12 for k in keep_counts(12))
+
+
+def test_the_drop_bound_counts_how_few_samples_judged():
+    metric = BUILTINS["accuracy"]
+    n = 256
+    labels = np.arange(n) % 10
+    ref = {"y": np.eye(10, dtype=np.float32)[labels]}
+    assert drop_bound(metric, ref, ref, labels) == 0.0
+    cand = {"y": ref["y"].copy()}
+    cand["y"][:3] = np.roll(cand["y"][:3], 1, axis=1)   # three samples now wrong
+    plain = metric.drop(ref, cand, labels)
+    bound = drop_bound(metric, ref, cand, labels)
+    assert plain == pytest.approx(3 / n)
+    assert plain < bound < 3 * plain   # beyond what was seen, within the sampling spread
+    # more samples with the same error rate: a tighter bound
+    many = np.arange(4 * n) % 10
+    ref4 = {"y": np.eye(10, dtype=np.float32)[many]}
+    cand4 = {"y": ref4["y"].copy()}
+    cand4["y"][:12] = np.roll(cand4["y"][:12], 1, axis=1)
+    assert drop_bound(metric, ref4, cand4, many) - 12 / (4 * n) < bound - plain
