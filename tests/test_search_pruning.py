@@ -120,3 +120,49 @@ def test_the_drop_bound_counts_how_few_samples_judged():
     cand4 = {"y": ref4["y"].copy()}
     cand4["y"][:12] = np.roll(cand4["y"][:12], 1, axis=1)
     assert drop_bound(metric, ref4, cand4, many) - 12 / (4 * n) < bound - plain
+
+
+def _pad_model(channel_pads: bool):
+    from onnx import helper
+    from conftest import init, make_model, vinfo
+    r = np.random.default_rng(0)
+    pads = [0, 1 if channel_pads else 0, 1, 1, 0, 0, 1, 1]
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="conv_a"),
+             helper.make_node("Relu", ["a"], ["ar"], name="relu"),
+             helper.make_node("Pad", ["ar", "pads"], ["ap"], name="pad", mode="reflect"),
+             helper.make_node("Conv", ["ap", "wb"], ["y"], name="conv_b")]
+    inits = [init("wa", r.standard_normal((8, 4, 3, 3)).astype(np.float32)),
+             init("ba", r.standard_normal(8).astype(np.float32)),
+             init("wb", r.standard_normal((6, 8, 3, 3)).astype(np.float32)),
+             init("pads", np.array(pads, np.int64))]
+    return make_model(nodes, [vinfo("x", [2, 4, 9, 9])], [vinfo("y", None)], inits)
+
+
+def test_a_chain_passes_a_pad_that_pads_no_channels(rng):
+    """Dropping channels through a spatial Pad is the original with those channels' consumer
+    weights zeroed (an independent graph)."""
+    from onnxlr.passes.prune import chain_into, consumer_weight
+    from onnxlr.search.pruning import PruneFit, channel_axis
+    model = prepare(_pad_model(False))
+    graph = to_graph(model)
+    chain = chain_into(next(n for n in graph.nodes if n.name == "conv_b"), graph)
+    assert not isinstance(chain, str), chain
+    kept = np.array([0, 2, 3, 6])
+    w = consumer_weight(chain)
+    f = PruneFit(kept, w[:, kept], None, None, channel_axis(chain), chain.group, "conv_b",
+                 "conv_a", 8)
+    apply(graph, {"conv_b": f})
+    x = {"x": rng.standard_normal((2, 4, 9, 9)).astype(np.float32)}
+    got = ort_run(to_model(graph, model), x)[0]
+    zeroed = prepare(_pad_model(False))
+    for t in zeroed.graph.initializer:
+        if t.name == "wb":
+            from onnx import numpy_helper
+            wb = numpy_helper.to_array(t).copy()
+            wb[:, np.setdiff1d(np.arange(8), kept)] = 0
+            t.CopyFrom(numpy_helper.from_array(wb, "wb"))
+    np.testing.assert_allclose(got, ort_run(zeroed, x)[0], rtol=1e-4, atol=1e-4)
+    padded = prepare(_pad_model(True))
+    g2 = to_graph(padded)
+    why = chain_into(next(n for n in g2.nodes if n.name == "conv_b"), g2)
+    assert isinstance(why, str) and "pads the channels" in why

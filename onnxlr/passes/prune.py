@@ -2,7 +2,7 @@
 
 A *channel chain* is a producer layer (Conv, Gemm, MatMul with a constant
 weight), the nodes that act on each channel alone (BatchNormalization, Relu,
-Clip, LeakyRelu, pools, arithmetic with a per-channel constant, …) and one
+Clip, LeakyRelu, pools, a Pad that pads no channels, arithmetic with a per-channel constant, …) and one
 consumer layer (Conv, or Gemm/MatMul, possibly after a Flatten/Reshape: then
 each channel is a block of H·W consumer columns). Removing channel c removes
 the producer's output c (weight row, bias, the chain's per-channel constants)
@@ -267,9 +267,39 @@ def _pass_through(u: gs.Node, t: gs.Tensor, chain: ChannelChain, rank: int | Non
         return None
     if u.op in POOLS:
         return None if chain.channel_first else f"{where} pools a channel-last tensor"
+    if u.op == "Pad":
+        return _pad(u, chain, rank, where)
     if u.op in ("Flatten", "Reshape"):
         return _flatten(u, t, chain, rank)
     return f"{where} is not known to act on each channel alone"
+
+
+def _pad(u: gs.Node, chain: ChannelChain, rank: int | None, where: str) -> None | str:
+    """A Pad passes when it pads no channels (PyTorch exports put padding before convs as
+    an op, PITFALLS 12): every mode acts on each channel's map alone, and a constant fill
+    is the same for every channel."""
+    if rank is None:
+        return f"{where}: the tensor's rank is unknown"
+    pads = _constant_input(u, 1) if len(u.inputs) > 1 else np.asarray(u.attrs.get("pads", []))
+    if pads is None:
+        return f"{where}: its pads are not constant"
+    if len(u.inputs) > 2 and u.inputs[2].name and _constant_input(u, 2) is None:
+        return f"{where}: its fill value is not constant"
+    if len(u.inputs) > 3 and u.inputs[3].name:
+        axes = _constant_input(u, 3)
+        if axes is None:
+            return f"{where}: its axes are not constant"
+        axes = [int(a) % rank for a in np.asarray(axes).reshape(-1)]
+    else:
+        axes = list(range(rank))
+    pads = np.asarray(pads, dtype=np.int64).reshape(-1)
+    if pads.size != 2 * len(axes):
+        return f"{where}: {pads.size} pads for {len(axes)} axes"
+    channel = 1 if chain.channel_first else rank - 1
+    for i, a in enumerate(axes):
+        if a == channel and (pads[i] or pads[len(axes) + i]):
+            return f"{where} pads the channels"
+    return None
 
 
 def _flatten(u: gs.Node, t: gs.Tensor, chain: ChannelChain, rank: int | None) -> int | str:
