@@ -266,6 +266,8 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
                                               layers=[r.name for r in report.records])
         report.accuracy = verifier.accuracies(result)
         report.verify_inputs = verifier.description
+        from onnxlr.counting import recount
+        recount(build.prepared, result, report.records, verifier.feeds)
     report.calibrated = calib is not None
     result = add_provenance(result, report)
     check_model(result, what="optimised model")
