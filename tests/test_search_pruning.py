@@ -166,3 +166,48 @@ def test_a_chain_passes_a_pad_that_pads_no_channels(rng):
     g2 = to_graph(padded)
     why = chain_into(next(n for n in g2.nodes if n.name == "conv_b"), g2)
     assert isinstance(why, str) and "pads the channels" in why
+
+
+def _conv1d_transpose_model():
+    """(N, 8, L) conv → Relu → Transpose to (N, L, 8) → Add bias → MatMul: a 1-D conv net's
+    classifier head as PyTorch exports it."""
+    from onnx import helper
+    from conftest import init, make_model, vinfo
+    r = np.random.default_rng(1)
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="conv", pads=[1, 1]),
+             helper.make_node("Relu", ["a"], ["ar"], name="relu"),
+             helper.make_node("Transpose", ["ar"], ["at"], name="to_last", perm=[0, 2, 1]),
+             helper.make_node("Add", ["at", "shift"], ["as"], name="shift_add"),
+             helper.make_node("MatMul", ["as", "wm"], ["y"], name="head")]
+    inits = [init("wa", r.standard_normal((8, 4, 3)).astype(np.float32)),
+             init("ba", r.standard_normal(8).astype(np.float32)),
+             init("shift", r.standard_normal(8).astype(np.float32)),
+             init("wm", r.standard_normal((8, 5)).astype(np.float32))]
+    return make_model(nodes, [vinfo("x", [2, 4, 7])], [vinfo("y", None)], inits)
+
+
+def test_a_chain_passes_a_transpose_to_channel_last(rng):
+    from onnx import numpy_helper
+    from onnxlr.passes.prune import chain_into, consumer_weight
+    from onnxlr.search.pruning import PruneFit, channel_axis
+    model = prepare(_conv1d_transpose_model())
+    graph = to_graph(model)
+    chain = chain_into(next(n for n in graph.nodes if n.name == "head"), graph)
+    assert not isinstance(chain, str), chain
+    assert chain.producer.name == "conv" and not chain.channel_first
+    kept = np.array([1, 4, 5])
+    f = PruneFit(kept, consumer_weight(chain)[:, kept], None, None, channel_axis(chain), 1,
+                 "head", "conv", 8)
+    apply(graph, {"head": f})
+    conv = next(n for n in graph.nodes if n.name == "conv")
+    assert conv.inputs[1].values.shape[0] == 3
+    x = {"x": rng.standard_normal((2, 4, 7)).astype(np.float32)}
+    got = ort_run(to_model(graph, model), x)[0]
+    # reference: the original with the dropped channels' rows of the head zeroed
+    zeroed = prepare(_conv1d_transpose_model())
+    for t in zeroed.graph.initializer:
+        if t.name == "wm":
+            wm = numpy_helper.to_array(t).copy()
+            wm[np.setdiff1d(np.arange(8), kept)] = 0
+            t.CopyFrom(numpy_helper.from_array(wm, "wm"))
+    np.testing.assert_allclose(got, ort_run(zeroed, x)[0], rtol=1e-4, atol=1e-4)

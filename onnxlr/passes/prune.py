@@ -2,9 +2,10 @@
 
 A *channel chain* is a producer layer (Conv, Gemm, MatMul with a constant
 weight), the nodes that act on each channel alone (BatchNormalization, Relu,
-Clip, LeakyRelu, pools, a Pad that pads no channels, arithmetic with a per-channel constant, …) and one
-consumer layer (Conv, or Gemm/MatMul, possibly after a Flatten/Reshape: then
-each channel is a block of H·W consumer columns). Removing channel c removes
+Clip, LeakyRelu, pools, a Pad that pads no channels, a Transpose between
+channel-first and channel-last, arithmetic with a per-channel constant, …) and one
+consumer layer (Conv, or Gemm/MatMul, possibly after a Flatten/Reshape: then each channel
+is a block of H·W consumer columns). Removing channel c removes
 the producer's output c (weight row, bias, the chain's per-channel constants)
 and the consumer's input c. :func:`trace_chain` finds a chain or says why there
 is none: a residual Add or a Concat (the other branch would need the same
@@ -85,6 +86,9 @@ class ChannelChain:
     channel_first: bool
     slices: list[tuple[gs.Node, int, int]] = field(default_factory=list)  # (node, input, axis)
     flatten: gs.Node | None = None       # Flatten/Reshape before a Gemm/MatMul consumer
+    flip: int | None = None              # index of the first tensor after a Transpose that
+                                         # moved the channels (first ↔ last); channel_first
+                                         # is the layout from there on
 
     @property
     def linear(self) -> bool:
@@ -269,9 +273,32 @@ def _pass_through(u: gs.Node, t: gs.Tensor, chain: ChannelChain, rank: int | Non
         return None if chain.channel_first else f"{where} pools a channel-last tensor"
     if u.op == "Pad":
         return _pad(u, chain, rank, where)
+    if u.op == "Transpose":
+        return _transpose(u, chain, rank, where)
     if u.op in ("Flatten", "Reshape"):
         return _flatten(u, t, chain, rank)
     return f"{where} is not known to act on each channel alone"
+
+
+def _transpose(u: gs.Node, chain: ChannelChain, rank: int | None, where: str) -> None | str:
+    """A Transpose passes when it moves the channel axis between first (axis 1) and last,
+    the layouts convs and matrix products read (a 1-D conv net's ``(N, C, L) → (N, L, C)``
+    before its classifier, PITFALLS 12); one per chain."""
+    if rank is None or rank < 3:
+        return f"{where}: needs a tensor of known rank ≥ 3"
+    if chain.flip is not None:
+        return f"{where} is the chain's second Transpose"
+    perm = [int(p) for p in u.attrs.get("perm", list(range(rank))[::-1])]
+    axis = 1 if chain.channel_first else rank - 1
+    new = perm.index(axis)
+    if new == 1:
+        chain.channel_first = True
+    elif new == rank - 1:
+        chain.channel_first = False
+    else:
+        return f"{where} moves the channels to axis {new}"
+    chain.flip = len(chain.tensors)   # its output is appended next
+    return None
 
 
 def _pad(u: gs.Node, chain: ChannelChain, rank: int | None, where: str) -> None | str:
@@ -444,10 +471,12 @@ def rewrite(chain: ChannelChain, kept: np.ndarray, weight: np.ndarray, bias_delt
     for j, t in enumerate(chain.tensors):
         if t.shape is not None:
             shape = list(t.shape)
+            first = chain.channel_first if chain.flip is None or j >= chain.flip else \
+                not chain.channel_first
             if flat_from is not None and j >= flat_from:
                 shape[1] = k * chain.group
             else:
-                shape[1 if chain.channel_first else -1] = k
+                shape[1 if first else -1] = k
             t.shape = shape
     if chain.flatten is not None and chain.flatten.op == "Reshape":
         target = _constant_input(chain.flatten, 1).copy()
