@@ -211,3 +211,28 @@ def test_a_chain_passes_a_transpose_to_channel_last(rng):
             wm[np.setdiff1d(np.arange(8), kept)] = 0
             t.CopyFrom(numpy_helper.from_array(wm, "wm"))
     np.testing.assert_allclose(got, ort_run(zeroed, x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_one_lasso_path_fits_every_count_about_as_well_as_a_bisected_one(pruned_setup):
+    """The ladder's counts come from one path; each is refit by least squares, and its
+    error is close to He et al.'s exact-count selection and never worse than keeping the
+    first k channels."""
+    from onnxlr.linalg.channel_select import refit as ls_refit
+    from onnxlr.passes.prune import consumer_weight
+    from onnxlr.search.pruning import fits_for
+    prepared, chains, _ = pruned_setup
+    graph = to_graph(prepared)
+    rng = np.random.default_rng(3)
+    batches = [{"input": rng.standard_normal((16, 3, 8, 8)).astype(np.float32)}
+               for _ in range(4)]
+    stats = capture_stats(prepared, chains, batches)
+    for name in ("conv3", "fc2"):
+        keeps = keep_counts(chains[name].channels)
+        many = fits_for(chains[name], stats[name], keeps)
+        for k in keeps:
+            exact = fit(chains[name], stats[name], k)
+            assert len(many[k].kept) == k and len(set(many[k].kept)) == k
+            assert many[k].error <= 1.5 * exact.error + 1e-6, (name, k)
+            naive = ls_refit(stats[name], consumer_weight(chains[name]), np.arange(k))[2]
+            assert many[k].error <= naive + 1e-9 or many[k].error <= 1.05 * exact.error
+    del graph

@@ -39,7 +39,8 @@ import onnx_graphsurgeon as gs
 
 from onnxlr import runtime
 from onnxlr.graph import NameScope, to_graph
-from onnxlr.linalg.channel_select import PatchStats, select_channels
+from onnxlr.linalg.channel_select import (PatchStats, contribution_gram, dependent_channels,
+                                          lasso_gram, refit, select_channels)
 from onnxlr.passes.prune import (MAX_FEATURES, ChannelChain, _set_consumer, chain_into,
                                  consumer_weight, rewrite)
 from onnxlr.rank import round_rank
@@ -217,7 +218,54 @@ def fit(chain: ChannelChain, stats: PatchStats, keep: int) -> PruneFit:
     sel = select_channels(stats, consumer_weight(chain), keep)
     return PruneFit(np.sort(np.asarray(sel.kept, dtype=np.int64)), sel.weight, sel.bias_delta,
                     sel.error, channel_axis(chain), chain.group, chain.consumer.name,
-                   chain.producer.name, chain.channels)
+                    chain.producer.name, chain.channels)
+
+
+#: λ shrinks by this factor per step of the one LASSO path behind every keep count.
+PATH_SHRINK = 0.8
+#: FISTA tolerance on that path (an order of entry needs less than an exact support).
+PATH_TOL = 1e-6
+
+
+def entry_order(stats: PatchStats, weight: np.ndarray, up_to: int) -> np.ndarray:
+    """Channels in the order they enter He et al.'s LASSO path (walked down from λ_max until
+    ``up_to`` are in), zero and linearly dependent ones last: they go first, at no cost.
+
+    Why one path for every rung: :func:`select_channels` bisects λ for one exact count;
+    a ladder needs four counts of the same layer, and on a 1024-neuron FFN four bisected
+    paths took minutes. The counts' supports differ only where the path is not monotone;
+    each count's weights are still refit by least squares on its own channels.
+    """
+    independent, dependent, zero = dependent_channels(stats.channel_gram())
+    cand = np.sort(independent)
+    w_fit, _, _ = refit(stats, weight, cand)
+    g, b = contribution_gram(stats, w_fit, cand, weight)
+    entered = np.full(len(cand), np.inf)
+    lam_max = float(np.max(np.abs(b))) if len(b) else 0.0
+    lam, beta, step = lam_max, np.zeros(len(cand)), 0
+    while lam_max > 0 and np.count_nonzero(np.isfinite(entered)) < min(up_to, len(cand)):
+        lam *= PATH_SHRINK
+        step += 1
+        beta = lasso_gram(g, b, lam, beta, tol=PATH_TOL)
+        entered[(beta != 0) & ~np.isfinite(entered)] = step
+        if lam < 1e-12 * lam_max:
+            break
+    strength = np.abs(beta) * np.sqrt(np.maximum(np.diag(g), 0.0))
+    order = cand[np.lexsort((-strength, entered))]
+    return np.concatenate([order, np.asarray(dependent, int), np.asarray(zero, int)])
+
+
+def fits_for(chain: ChannelChain, stats: PatchStats, keeps: list[int]) -> dict[int, PruneFit]:
+    """{keep: fit} for every count from one LASSO path (:func:`entry_order`)."""
+    weight = consumer_weight(chain)
+    order = entry_order(stats, weight, max(keeps))
+    out = {}
+    for k in keeps:
+        kept = np.sort(order[:k]).astype(np.int64)
+        w, delta, error = refit(stats, weight, kept)
+        out[k] = PruneFit(kept, w, delta, error, channel_axis(chain), chain.group,
+                          chain.consumer.name, chain.producer.name, chain.channels)
+    return out
 
 
 # --- the gated graph's candidate, and the final rewrite -----------------------------------------
@@ -322,13 +370,15 @@ def add_prune_rungs(build, ladders: list, empty: dict[str, str], feeds: dict, ti
         if lad is None:
             lad = Ladder(name, PRUNE, macs, params, 0.0)
         rungs = []
+        try:
+            fitted = fits_for(chain, stats[name], [k for k, _, _ in rows])
+        except (np.linalg.LinAlgError, ValueError) as exc:
+            lad.dropped.append(f"prune: the fit failed ({exc})")
+            fitted = {}
         for k, ms_a, ms_b in rows:
-            try:
-                f = fit(chain, stats[name], k)
-            except (np.linalg.LinAlgError, ValueError) as exc:
-                lad.dropped.append(f"prune ({k},): the fit failed ({exc})")
+            if k not in fitted:
                 continue
-            fits[(name, k)] = f
+            f = fits[(name, k)] = fitted[k]
             rungs.append(Rung(Option(PRUNE, (k,)), int(round(lad.macs_before * k / chain.channels)),
                               None, f.error, ms_a, ms_b, scope="chain", locks=chain.producer.name,
                               neighbour_macs=int(producer_macs * (chain.channels - k)
@@ -356,5 +406,5 @@ def layer_cost(graph: gs.Graph, name: str) -> tuple[int, int] | None:
 
 
 __all__ = ["KEEP_LEVELS", "PRUNE", "PruneBuilder", "PruneFit", "add_prune_rungs", "apply",
-           "capture_stats", "chain_graph", "columns", "fit", "keep_counts", "prunable",
-           "time_chain"]
+           "capture_stats", "chain_graph", "columns", "entry_order", "fit", "fits_for",
+           "keep_counts", "prunable", "time_chain"]
