@@ -380,13 +380,72 @@ def session_options(threads: int | None = None, opt_level: str = "all") -> Any:
     return opts
 
 
+#: A ModelProto whose initializers hold at least this many bytes is not serialised for ONNX
+#: Runtime (protobuf stops at 2 GB, and the serialised copy would double the memory): its
+#: large initializers are handed over from memory instead (:func:`_in_memory`).
+IN_MEMORY_BYTES = 1 << 30
+#: Initializers of at least this many bytes are the ones handed over from memory.
+IN_MEMORY_TENSOR = 1 << 16
+IN_MEMORY_LOCATION = "onnxlr-in-memory"
+
+
+def _initializer_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def _copy_fields(src, dst, *, skip: str) -> None:
+    """Copy every set field of one protobuf message into another, but ``skip``."""
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if hasattr(value, "extend") and not hasattr(value, "CopyFrom"):   # repeated
+            getattr(dst, field.name).extend(value)
+        elif hasattr(value, "CopyFrom"):
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def _in_memory(model: onnx.ModelProto, opts) -> tuple[bytes, list]:
+    """The model serialised without its large initializers' bytes, which go to ORT as
+    OrtValues over the proto's own buffers (``SessionOptions.add_external_initializers``:
+    no copy on this side; ORT keeps the one copy a session needs). Each such initializer
+    stays in the skeleton as an external-data reference of the same name, type and shape,
+    which is what that API replaces."""
+    from onnx import helper as onnx_helper
+    ort = _ort()
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip="graph")
+    _copy_fields(model.graph, skeleton.graph, skip="initializer")
+    names, values, arrays = [], [], []
+    for t in model.graph.initializer:
+        if len(t.raw_data) < IN_MEMORY_TENSOR or t.data_location == onnx.TensorProto.EXTERNAL:
+            skeleton.graph.initializer.append(t)
+            continue
+        dtype = onnx_helper.tensor_dtype_to_np_dtype(t.data_type)
+        array = np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims))
+        ref = skeleton.graph.initializer.add()
+        ref.name, ref.data_type = t.name, t.data_type
+        ref.dims.extend(t.dims)
+        ref.data_location = onnx.TensorProto.EXTERNAL
+        entry = ref.external_data.add()
+        entry.key, entry.value = "location", IN_MEMORY_LOCATION
+        names.append(t.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(array))
+        arrays.append(array)
+    if names:
+        opts.add_external_initializers(names, values)
+    return skeleton.SerializeToString(), [arrays, values]
+
+
 def make_session(model: onnx.ModelProto | str | bytes | os.PathLike, *, provider: str = "cpu",
                  threads: int | None = None, opt_level: str = "all") -> Any:
     """An ``ort.InferenceSession`` for a model.
 
     Args:
-        model: a ModelProto (serialised here; must be under 2 GB), serialised
-            bytes, or a path (needed for >2 GB models with external data).
+        model: a ModelProto (serialised here; one whose initializers hold 1 GB or more,
+            over 2 GB included, hands them to ORT from memory instead), serialised
+            bytes, or a path.
         provider: see :func:`providers_for`.
         threads: see :func:`session_options`.
         opt_level: see :func:`session_options`.
@@ -397,13 +456,16 @@ def make_session(model: onnx.ModelProto | str | bytes | os.PathLike, *, provider
     """
     providers = providers_for(provider)
     opts = session_options(threads, opt_level)
+    keep_alive = None
     if isinstance(model, onnx.ModelProto):
         what = f"model {model.graph.name or '(unnamed)'!r}"
-        try:
-            source = model.SerializeToString()
-        except (ValueError, message.Error):  # protobuf refuses messages over 2 GB (EncodeError)
-            raise OnnxlrError(
-                f"{what} is over 2 GB: save it with external data and pass the path") from None
+        if _initializer_bytes(model) >= IN_MEMORY_BYTES:
+            source, keep_alive = _in_memory(model, opts)
+        else:
+            try:
+                source = model.SerializeToString()
+            except (ValueError, message.Error):  # protobuf refuses messages over 2 GB
+                source, keep_alive = _in_memory(model, opts)
     elif isinstance(model, (bytes, bytearray)):
         what, source = "model bytes", bytes(model)
     else:
@@ -417,6 +479,7 @@ def make_session(model: onnx.ModelProto | str | bytes | os.PathLike, *, provider
         if not _is_ort_error(exc):
             raise
         raise OnnxlrError(f"onnxruntime cannot load {what}: {_ort_message(exc)}") from None
+    session._onnxlr_weights = keep_alive  # noqa: SLF001 (the arrays ORT was handed)
     if session.get_providers()[0] != providers[0]:
         raise OnnxlrError(f"onnxruntime could not start {providers[0]} for {what} "
                           f"(it fell back to {session.get_providers()[0]}): check the GPU libraries")
