@@ -91,9 +91,13 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
     def methods(name):
         return builder if name == PRUNE else factorize.method(name)
 
+    t_gate = time.perf_counter()
     gated = GatedModel(build.prepared, {lad.layer: [r.option for r in lad.rungs]
                                         for lad in ladders},
                        factors, methods, provider=verifier.provider)
+    t_gate = time.perf_counter() - t_gate
+    logger.info("search: the gated graph (every candidate's factors, one session) in %.0f s",
+                t_gate)
     planner = Planner(gated, ladders, metric, allowed, reference=reference,
                       feeds=verifier.feeds, labels=labels, progress=progress)
     t1 = time.perf_counter()
@@ -151,7 +155,7 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
         "model_ms_before": model_ms, "target_speedup": target_speedup,
         "target_flops": target_flops, **chosen.account, "refit": refit,
         "pruning": pruned_account,
-        "seconds": {"ladders": t_ladders, "sensitivity": t_sens,
+        "seconds": {"ladders": t_ladders, "gated_graph": t_gate, "sensitivity": t_sens,
                     "total": time.perf_counter() - t0},
     }
     account["drop_bound"] = judge.bound(built)
