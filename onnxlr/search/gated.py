@@ -1,14 +1,14 @@
 """Every candidate of every layer side by side in one graph, picked by gate inputs.
 
 For a layer ``y = L(x)`` with candidates ``C_1..C_k`` the gated graph computes
-``y = g_0·L(x) + g_1·C_1(x) + … + g_k·C_k(x)`` where the ``g`` are entries of one extra
+``y = If(g_0, L(x), If(g_1, C_1(x), … C_k(x)))`` where the ``g`` are entries of one extra
 graph input (``onnxlr_gates``, float32 [G]). Setting one gate per layer to 1 and the others
 to 0 makes the graph compute exactly that assignment, so one ONNX Runtime session scores
 any combination of candidates: no trial rebuilds the graph, re-infers shapes or opens a
-session (the cost the old back-off paid for every step, PITFALLS 14). The price is that
-every candidate runs on every call; a ladder's candidates together cost less than the
-layer itself twice (their MACs are fractions of it), so a gated run costs about 2-3x one
-run of the original.
+session (the cost the old back-off paid for every step, PITFALLS 14). Only the taken
+branch of an ``If`` runs, so a gated run costs about one run of that assignment (a first
+version summed every candidate times its gate: on a CRNN with 133 candidates each check
+took ~10x a run of the model).
 
 The candidates are built by the same methods, from the same cached factors, as the model
 that is finally written, so what the search scores is what the user gets.
@@ -67,26 +67,26 @@ class GatedModel:
             if isinstance(site, str):
                 raise OnnxlrError(f"layer {node.name!r} cannot be gated: {site}")
             y = node.outputs[0]
-            dtype = site.weight.dtype
-            terms = []
             original = gs.Variable(names(f"{y.name}/original"), dtype=y.dtype)
             node.outputs.clear()
             node.outputs.append(original)
-            terms.append(self._gated(graph, names, gates, original, count, dtype, node.name))
+            graph.nodes.remove(node)
+            branches = [self._branch(graph, [node], original, f"{node.name}/original")]
+            first = count
             self.gate_of[(node.name, -1)] = count
             count += 1
             for j, opt in enumerate(opts):
                 out = gs.Variable(names(f"{y.name}/option{j}"), dtype=y.dtype)
                 clone = gs.Node(node.op, names(f"{node.name}/option{j}"), dict(node.attrs),
                                 list(node.inputs), [out], domain=node.domain)
-                graph.nodes.append(clone)
-                method = methods(opt.method)
-                method.build(graph, dataclasses.replace(site, node=clone),
-                             factors(opt.method, site, opt.ranks), names)
-                terms.append(self._gated(graph, names, gates, out, count, dtype, node.name))
+                branch = self._branch(graph, [clone], out, f"{node.name}/option{j}")
+                methods(opt.method).build(branch, dataclasses.replace(site, node=clone),
+                                          factors(opt.method, site, opt.ranks), names)
+                branch.toposort()
+                branches.append(branch)
                 self.gate_of[(node.name, j)] = count
                 count += 1
-            graph.nodes.append(gs.Node("Sum", names(f"{node.name}/gate_sum"), {}, terms, [y]))
+            self._select(graph, names, gates, branches, first, y, node.name)
         gates.shape = [count]
         graph.inputs.append(gates)
         self.count = count
@@ -98,20 +98,33 @@ class GatedModel:
         self.runs = 0
 
     @staticmethod
-    def _gated(graph, names, gates, value, index, dtype, layer) -> gs.Variable:
-        idx = gs.Constant(names(f"{layer}/gate_index"), np.array(index, dtype=np.int64))
-        g = gs.Variable(names(f"{layer}/gate{index}"), dtype=np.float32)
-        graph.nodes.append(gs.Node("Gather", names(f"{layer}/gate{index}/pick"), {"axis": 0},
-                                   [gates, idx], [g]))
-        if np.dtype(dtype) != np.float32:
-            cast = gs.Variable(names(f"{layer}/gate{index}/cast"), dtype=dtype)
-            graph.nodes.append(gs.Node("Cast", names(f"{layer}/gate{index}/to"),
-                                       {"to": onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))},
-                                       [g], [cast]))
-            g = cast
-        out = gs.Variable(names(f"{value.name}/gated"), dtype=value.dtype)
-        graph.nodes.append(gs.Node("Mul", names(f"{layer}/gate{index}/mul"), {}, [value, g], [out]))
-        return out
+    def _branch(graph: gs.Graph, nodes: list[gs.Node], out: gs.Variable, name: str) -> gs.Graph:
+        """A subgraph computing ``out`` (inputs come from the enclosing scope)."""
+        return gs.Graph(nodes=nodes, outputs=[out], opset=graph.opset,
+                        import_domains=graph.import_domains, name=name)
+
+    @staticmethod
+    def _select(graph: gs.Graph, names: NameScope, gates: gs.Variable, branches: list[gs.Graph],
+                first: int, y: gs.Variable, layer: str) -> None:
+        """``y`` = the branch whose gate is set: nested ``If`` nodes, the last branch the
+        innermost fallback. Only the taken branch runs."""
+        current = branches[-1]
+        for i in range(len(branches) - 2, -1, -1):
+            idx = gs.Constant(names(f"{layer}/gate_index"), np.array(first + i, dtype=np.int64))
+            g = gs.Variable(names(f"{layer}/gate{first + i}"), dtype=np.float32)
+            cond = gs.Variable(names(f"{layer}/gate{first + i}/on"), dtype=np.bool_)
+            graph.nodes.append(gs.Node("Gather", names(f"{layer}/gate{first + i}/pick"),
+                                       {"axis": 0}, [gates, idx], [g]))
+            graph.nodes.append(gs.Node("Cast", names(f"{layer}/gate{first + i}/cast"),
+                                       {"to": onnx.TensorProto.BOOL}, [g], [cond]))
+            out = y if i == 0 else gs.Variable(names(f"{y.name}/pick{i}"), dtype=y.dtype)
+            pick = gs.Node("If", names(f"{layer}/pick{i}"),
+                           {"then_branch": branches[i], "else_branch": current}, [cond], [out])
+            if i == 0:
+                graph.nodes.append(pick)
+            else:
+                current = gs.Graph(nodes=[pick], outputs=[out], opset=graph.opset,
+                                   import_domains=graph.import_domains, name=f"{layer}/pick{i}")
 
     def gates(self, assignment: dict[str, int]) -> np.ndarray:
         """The gate vector for {layer: option index} (-1 or absent: the original layer)."""
