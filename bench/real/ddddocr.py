@@ -139,7 +139,7 @@ def prepare(cache: Path, quick: bool = False) -> Task:
         charset_py = extract(wheel, "ddddocr/charsets.py", folder / "charsets.py.txt")
         charset_json.write_text(json.dumps(load_charset(charset_py), ensure_ascii=False))
     charset = json.loads(charset_json.read_text())
-    n_eval, n_calib = (24, 8) if quick else (96, 256)
+    n_eval, n_calib = (24, 8) if quick else (256, 512)
     calib, _ = captchas(n_calib, SEED + 1)
     test_x, texts = captchas(n_eval, SEED)
     _check_batching(model, test_x[:3])
