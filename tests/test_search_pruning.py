@@ -236,3 +236,25 @@ def test_one_lasso_path_fits_every_count_about_as_well_as_a_bisected_one(pruned_
             naive = ls_refit(stats[name], consumer_weight(chains[name]), np.arange(k))[2]
             assert many[k].error <= naive + 1e-9 or many[k].error <= 1.05 * exact.error
     del graph
+
+
+def test_the_sequential_refit_resolves_a_pruned_layer_on_the_compressed_prefix(pruned_setup):
+    """conv2 and fc1 pruned: fc1's own weights are refit on what the compressed model feeds
+    it (its error can only go down on the fitting rows); conv3, whose outputs fc1 pruned,
+    no longer lines up with the original's output and is left as fitted."""
+    from onnxlr.search.refit import refit_sequentially
+    prepared, chains, fits = pruned_setup
+    graph = to_graph(prepared)
+    apply(graph, {"conv2": fits["conv2"], "conv3": fits["conv3"], "fc1": fits["fc1"]})
+    model = to_model(graph, prepared)
+    rng = np.random.default_rng(11)
+    batches = [{"input": rng.standard_normal((16, 3, 8, 8)).astype(np.float32)}
+               for _ in range(3)]
+    out, done = refit_sequentially(prepared, model, ["conv2", "conv3", "fc1"], batches,
+                                   pruned={"conv2", "conv3", "fc1"})
+    names = {r.layer for r in done}
+    assert "conv2" not in names          # a 3×3 conv: its rows are patches, not refit here
+    assert "conv3" not in names          # its outputs were pruned by fc1
+    assert names == {"fc1"}
+    (r,) = done
+    assert r.after < r.before
