@@ -268,8 +268,10 @@ class Report:
         if not s:
             return []
         lines = [f"metric {s['metric']} ({s['metric_description']}): {s['score_before']:.4f} → "
-                 f"{s['score_after']:.4f}, drop {s['drop']:+.4f} "
-                 f"(allowed {s['max_drop']:g}: {'met' if s.get('met_bound') else 'EXCEEDED'})"]
+                 f"{s['score_after']:.4f}, drop {s['drop']:+.4f}"
+                 + (f", {100 * s['confidence']:.0f}% bound {s['drop_bound']:+.4f}"
+                    if s.get("drop_bound") is not None and s.get("confidence") else "")
+                 + f" (allowed {s['max_drop']:g}: {'met' if s.get('met_bound') else 'EXCEEDED'})"]
         ev = s.get("evaluation")
         if ev:
             lines.append(f"metric {s['metric']} on {ev['inputs']}: {ev['score_before']:.4f} → "
