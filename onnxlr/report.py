@@ -38,11 +38,16 @@ reduction (BENCHMARKING.md): 1.0 means the FLOP saving turned fully into time.
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
-from onnxlr import escape
-from onnxlr.records import FACTORISED, LayerRecord
+from onnxlr import escape, formats
+from onnxlr.formats import describe_setup, fmt_value, human, ms_pair, ratio, size, speed
+from onnxlr.records import DECLINED, FACTORISED, LayerRecord
+
+__all__ = ["Report", "SCHEMA", "describe_setup", "fmt_value", "human", "md_cell", "ms_pair",
+           "printable"]
 
 SCHEMA = "onnxlr.report/1"
 
@@ -52,16 +57,8 @@ def _version() -> str:
     return __version__
 
 
-def human(n: float) -> str:
-    """1234567 → '1.23M' (params, MACs)."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.0f}"
-
-
 def _ratio(after: float, before: float) -> float:
-    return after / before if before else 1.0
+    return ratio(after, before)
 
 
 @dataclass
@@ -220,15 +217,15 @@ class Report:
         return rows
 
     def headline(self) -> str:
-        """One line with the numbers a reader wants first."""
+        """One line with the numbers a reader wants first (sizes after ÷ before, time as the
+        speed-up; :mod:`onnxlr.formats`)."""
         parts = []
         if self.speedup is not None:
-            parts.append(f"{self.speedup:.2f}x faster end to end (measured)")
-        if self.macs_reduction is not None:
-            parts.append(f"{self.macs_reduction:.2f}x fewer MACs")
+            parts.append(f"{speed(self.speedup, self.latency)} end to end (measured)")
+        parts.append(size(self.macs_after, self.macs_before, "MACs"))
+        parts.append(size(self.params_after, self.params_before, "params"))
         if self.efficiency is not None:
             parts.append(f"efficiency {self.efficiency:.2f}")
-        parts.append(f"params {_ratio(self.params_after, self.params_before):.3f}x")
         if self.output_error is not None:
             bound = "" if self.max_error is None else (
                 f" (bound {self.max_error:g} {'met' if self.bound_met else 'EXCEEDED'})")
@@ -239,9 +236,9 @@ class Report:
         lines = [
             f"layers factorised: {len(self.factorised)} of {len(self.shown)} candidates",
             f"params: {human(self.params_before)} → {human(self.params_after)} "
-            f"({_ratio(self.params_after, self.params_before):.3f}x)",
+            f"({size(self.params_after, self.params_before, 'params', digits=3)})",
             f"MACs (candidate layers): {human(self.macs_before)} → {human(self.macs_after)} "
-            f"({_ratio(self.macs_after, self.macs_before):.3f}x)",
+            f"({size(self.macs_after, self.macs_before, 'MACs', digits=3)})",
         ]
         if self.comparison is not None:
             lines.append(f"verified on {self.verify_inputs}")
@@ -268,19 +265,21 @@ class Report:
         if not s:
             return []
         lines = [f"metric {s['metric']} ({s['metric_description']}): {s['score_before']:.4f} → "
-                 f"{s['score_after']:.4f}, drop {s['drop']:+.4f} "
+                 f"{s['score_after']:.4f}, drop {formats.drop(s['drop'])} "
                  f"(allowed {s['max_drop']:g}: {'met' if s.get('met_bound') else 'EXCEEDED'})"]
         ev = s.get("evaluation")
         if ev:
             lines.append(f"metric {s['metric']} on {ev['inputs']}: {ev['score_before']:.4f} → "
-                         f"{ev['score_after']:.4f} (drop {ev['drop']:+.4f})")
+                         f"{ev['score_after']:.4f} (drop {formats.drop(ev['drop'])})")
         if s.get("synthetic_inputs"):
             lines.append("WARNING: judged on SYNTHETIC random inputs, not real data: give --calib "
                          "or --inputs; the result may not hold on real inputs")
+        predicted = s.get("predicted_speedup")
         lines.append(f"search: {s['layers_with_ladders']} layers, {s['rungs']} candidates "
                      f"measured alone, {s['path_steps']} path steps, {len(s['checks'])} "
                      f"end-to-end checks, {s['gated_runs']} runs of one gated session; "
-                     f"predicted {fmt_value(s.get('predicted_speedup'))}x")
+                     "predicted " + (speed(predicted) if isinstance(predicted, (int, float))
+                                     else "-"))
         if s.get("target_met") is not None:
             lines.append(f"target {'met' if s['target_met'] else 'MISSED'}")
         return lines
@@ -289,24 +288,26 @@ class Report:
         lat = self.latency
         if not lat or lat.get("before_ms") is None:
             return []
-        spread = ""
-        if lat.get("p10") is not None and lat.get("p90") is not None:
-            spread = f" (p10–p90 {lat['p10']:.2f}–{lat['p90']:.2f}x)"
-        elif lat.get("p10_after_ms") is not None and lat.get("p90_after_ms") is not None:
-            spread = (f" (p10–p90 {lat.get('p10_before_ms', 0):.3f}–"
-                      f"{lat.get('p90_before_ms', 0):.3f} → {lat['p10_after_ms']:.3f}–"
-                      f"{lat['p90_after_ms']:.3f} ms)")
         line = (f"end to end ({describe_setup(lat)}): {lat['before_ms']:.3f} → "
-                f"{lat['after_ms']:.3f} ms, measured speed-up {self.speedup or 0:.2f}x{spread}")
+                f"{lat['after_ms']:.3f} ms, {speed(self.speedup, lat)}")
+        spread = formats.noise(lat)
+        if spread is not None:
+            rounds = f" over {lat['iterations']} interleaved rounds" if lat.get("iterations") else ""
+            line += f", per-round p10–p90 {spread[0]:.2f}–{spread[1]:.2f}x{rounds}"
+        elif lat.get("p10_after_ms") is not None and lat.get("p90_after_ms") is not None:
+            line += (f" (p10–p90 {lat.get('p10_before_ms', 0):.3f}–"
+                     f"{lat.get('p90_before_ms', 0):.3f} → {lat['p10_after_ms']:.3f}–"
+                     f"{lat['p90_after_ms']:.3f} ms)")
         if self.macs_reduction is not None:
-            line += f" vs MAC reduction {self.macs_reduction:.2f}x"
+            line += (f"; {size(self.macs_after, self.macs_before, 'MACs')} would ideally be "
+                     f"{speed(self.macs_reduction)}")
         if self.efficiency is not None:
             line += f": efficiency {self.efficiency:.2f}"
         lines = [line]
         if lat.get("returned") == "input":
             rejected = lat.get("rejected_speedup")
             lines.append("the result was not faster"
-                         + (f" ({rejected:.2f}x)" if isinstance(rejected, (int, float)) else "")
+                         + (f" ({speed(rejected)})" if isinstance(rejected, (int, float)) else "")
                          + ": the input model was returned unchanged")
         return lines
 
@@ -329,14 +330,64 @@ class Report:
         items = ", ".join(f"{k} {fmt_value(v)}" for k, v in self.budget.items())
         return [f"budget: {items}"]
 
-    def to_text(self) -> str:
+    def to_text(self, width: int | None = None) -> str:
+        """The layer table and the summary. With ``width`` (the terminal's columns), no line
+        is longer: a table too wide for it becomes one block per layer (the name and status,
+        then its numbers, then the reason, wrapped), and the summary wraps; nothing is cut."""
         header = self._columns()
-        rows = [header] + [[printable(c) for c in row] for row in self._rows()]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-        out = []
-        for row in rows:
-            out.append("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
-        return "\n".join(out + [""] + [printable(s) for s in self.summary_lines()])
+        rows = [[printable(c) for c in row] for row in self._rows()]
+        widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header) - 1)]
+        table = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1]
+                 for row in [header] + rows]
+        if width is not None and max(len(line) for line in table) > width:
+            table = self._blocks(header, rows, max(width, 40))
+        if any(h.endswith(" ms") for h in header):
+            table.append("(ms: before→after, and how many times faster)")
+        summary = [printable(s) for s in self.summary_lines()]
+        if width is not None:
+            summary = [part for line in summary
+                       for part in textwrap.wrap(line, max(width, 40), subsequent_indent="  ",
+                                                 break_on_hyphens=False) or [""]]
+        return "\n".join(table + [""] + summary)
+
+    def _blocks(self, header: list[str], rows: list[list[str]], width: int) -> list[str]:
+        """The narrow table: per layer, 'name (op weight)' with its status at the right, its
+        numbers under it (in as many lines as the width needs), its reason wrapped."""
+        numbers = list(range(3, len(header) - 1))       # method … timing columns
+        shown = [(rec, row) for rec, row in zip(self.shown, rows)]
+        measured = [row for rec, row in shown if rec.status != DECLINED]
+        widths = {i: max(len(row[i]) for row in [header] + measured) for i in numbers}
+        groups, line, used = [], [], 2
+        for i in numbers:                                 # columns in lines of ``width``
+            if line and used + widths[i] > width:
+                groups.append(line)
+                line, used = [], 2
+            line.append(i)
+            used += widths[i] + 2
+        groups.append(line)
+
+        def numbers_lines(row):
+            return ["  " + "  ".join(row[i].ljust(widths[i]) for i in g).rstrip() for g in groups]
+
+        def name_lines(name: str, status: str) -> list[str]:
+            lines = textwrap.wrap(name, width, break_long_words=True, break_on_hyphens=False)
+            if len(lines[-1]) + 2 + len(status) <= width:
+                lines[-1] = lines[-1] + " " * (width - len(lines[-1]) - len(status)) + status
+            else:
+                lines.append(status.rjust(width))
+            return lines
+
+        out = name_lines(f"{header[0]} ({header[1]} {header[2]})", header[-1])
+        out += numbers_lines(header)
+        out.append("-" * width)
+        for rec, row in shown:
+            out += name_lines(f"{row[0]} ({row[1]} {row[2]})", printable(rec.status))
+            if rec.status != DECLINED:
+                out += numbers_lines(row)
+            if rec.reason and rec.status != FACTORISED:
+                out += textwrap.wrap(printable(rec.reason), width, initial_indent="  ",
+                                     subsequent_indent="  ", break_on_hyphens=False)
+        return out
 
     def to_html(self) -> str:
         """Self-contained HTML page with charts (:mod:`onnxlr.html_report`)."""
@@ -350,42 +401,6 @@ class Report:
         return "\n".join(["### onnxlr report", "", f"**{md_cell(self.headline())}**", ""]
                          + lines + [""]
                          + [f"- {md_cell(s)}" for s in self.summary_lines()]) + "\n"
-
-
-def ms_pair(before: float | None, after: float | None) -> str:
-    """'0.251→0.122 (2.06x)', or '-' when nothing was measured."""
-    if before is None and after is None:
-        return "-"
-    text = f"{_ms(before)}→{_ms(after)}"
-    if before and after:
-        text += f" ({before / after:.2f}x)"
-    return text
-
-
-def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3g}"
-
-
-def describe_setup(lat: dict) -> str:
-    """'cpu, 1 thread, batch 1' from a latency dict."""
-    threads = lat.get("threads")
-    parts = [str(lat.get("provider") or "cpu"),
-             "ORT default threads" if threads is None else
-             f"{threads} thread{'s' if threads != 1 else ''}"]
-    if lat.get("batch") is not None:
-        parts.append(f"batch {lat['batch']}")
-    return ", ".join(parts)
-
-
-def fmt_value(v: Any) -> str:
-    """A budget value for one line of text."""
-    if isinstance(v, bool) or v is None:
-        return str(v).lower() if v is not None else "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k}: {fmt_value(x)}" for k, x in v.items()) + "}"
-    return str(v)
 
 
 #: Model text in a terminal line / a Markdown cell: see :mod:`onnxlr.escape`.
