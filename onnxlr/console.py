@@ -83,11 +83,11 @@ class Plain:
 class Terminal:
     """rich progress rows on a terminal (stderr): one per phase, with ETA."""
 
-    def __init__(self, stream=None, what: str = "onnxlr"):
+    def __init__(self, stream=None, what: str = "onnxlr", console=None):
         from rich.console import Console
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
                                    TextColumn, TimeElapsedColumn, TimeRemainingColumn)
-        self.console = Console(file=stream or sys.stderr, highlight=False)
+        self.console = console or Console(file=stream or sys.stderr, highlight=False)
         self.progress = Progress(
             SpinnerColumn(finished_text="✓" if _utf8(self.console) else "ok"),
             TextColumn("{task.fields[phase]}"), _phased(BarColumn(bar_width=20)),

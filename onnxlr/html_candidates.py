@@ -50,15 +50,26 @@ def x_axis(layers) -> tuple[str, bool]:
     return "macs", False
 
 
-def _x(kind: str, x, c: dict) -> float | None:
+def _macs_unit(x) -> float:
+    """The factor that puts a layer's candidate MACs in its record's unit. The search counts
+    a Gemm candidate's MACs for the whole timing batch, the record for one sample: the kept
+    candidate, whose MACs the record also holds, gives the factor (1 when they agree)."""
+    if x.status != FACTORISED or not x.macs_after:
+        return 1.0
+    kept = [c for c in _usable(x) if list(c["ranks"]) == list(x.ranks or []) and c.get("macs")]
+    return x.macs_after / kept[0]["macs"] if kept else 1.0
+
+
+def _x(kind: str, x, c: dict, unit: float = 1.0) -> float | None:
     if kind == "rank":
         return float(c["ranks"][0])
-    return 100.0 * c["macs"] / x.macs_before if c.get("macs") and x.macs_before else None
+    return 100.0 * unit * c["macs"] / x.macs_before if c.get("macs") and x.macs_before else None
 
 
 def error_vs_rank(x, colour: str, kind: str) -> str:
     """One small multiple: the layer's local (solid) and weight (dashed) error per candidate."""
-    cands = [(xv, c) for c in _usable(x) if (xv := _x(kind, x, c)) is not None]
+    unit = _macs_unit(x)
+    cands = [(xv, c) for c in _usable(x) if (xv := _x(kind, x, c, unit)) is not None]
     if len(cands) < 2:
         return ""
     kept = x.status == FACTORISED
@@ -104,7 +115,7 @@ def scatter_points(r: Report) -> tuple[list[dict], dict[str, str], bool]:
                 y = c.get("speedup") or (before / c["latency_ms"] if before and c.get("latency_ms")
                                          else None)
             else:
-                y = x.macs_before / c["macs"] if c.get("macs") else None
+                y = x.macs_before / (c["macs"] * _macs_unit(x)) if c.get("macs") else None
             if e is None or y is None:
                 continue
             colours.setdefault(x.name, PALETTE[len(colours) % len(PALETTE)])

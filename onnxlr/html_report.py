@@ -8,16 +8,11 @@ doc strings and metadata are data: every piece of text passes through
 ``html.escape`` and is never used as a format string. The markup is
 XML-well-formed (void tags closed, only XML entities), so it parses as XHTML.
 
-Layout, top to bottom: settings · one sentence of what happened (speed-up, metric before →
-after) · summary cards (speed-up, MACs, efficiency, params, output error, metric, layers) ·
-what to look at · end to end (the ideal speed-up of the MACs next to the measured one, and
-where the time goes per layer) · budget · per-layer latency bars before/after · the layer
-table (method, rank, params, MACs, errors, latency, status and why) · candidates of a rank
-search (:mod:`onnxlr.html_candidates`) · verification per output. Ratios point one way
-(:mod:`onnxlr.formats`): sizes after ÷ before ("0.25× MACs"), time as the speed-up; a
-speed-up whose interval holds 1 is "within noise", neither green nor red. The styles are in
-``report.css`` beside this file; at 760 px the table drops its secondary columns and shows
-each layer's status under its name.
+Layout: settings · what happened in one sentence · cards · what to look at · end to end ·
+budget · latency per layer · the layer table · candidates (:mod:`onnxlr.html_candidates`) ·
+verification. Ratios point one way (:mod:`onnxlr.formats`); a speed-up whose interval holds
+1 is "within noise", neither green nor red. Styles: ``report.css`` beside this file; at
+760 px the table drops secondary columns and shows each status under the layer's name.
 """
 from __future__ import annotations
 
@@ -379,7 +374,7 @@ def _breakable(name: str) -> str:
     return esc(name).replace("/", "/<wbr />")
 
 
-def _err3(v) -> str:
+def _fixed3(v) -> str:
     return "–" if v is None else f"{v:.3f}"
 
 
@@ -390,7 +385,7 @@ def _verification(r: Report) -> str:
     rows = "".join(
         f"<tr><td><code>{esc(o.name)}</code></td><td class=\"n\">{esc(f'{o.rel_l2:.4g}')}</td>"
         f"<td class=\"n\">{esc(f'{o.max_abs:.4g}')}</td><td class=\"n\">{esc(f'{o.cosine:.5f}')}"
-        f"</td><td class=\"n\">{esc(_err3(o.top1_agreement))}"
+        f"</td><td class=\"n\">{esc(_fixed3(o.top1_agreement))}"
         "</td></tr>" for o in r.comparison.outputs)
     acc = ""
     if r.accuracy is not None and r.accuracy[1] is not None:

@@ -221,7 +221,13 @@ class Report:
         speed-up; :mod:`onnxlr.formats`)."""
         parts = []
         if self.speedup is not None:
-            parts.append(f"{speed(self.speedup, self.latency)} end to end (measured)")
+            parts.append(f"end to end {speed(self.speedup, self.latency)} (measured)")
+        s = self.search or {}
+        scores = s.get("evaluation") or s
+        if scores:
+            where = "unseen inputs" if s.get("evaluation") else "held-out inputs"
+            parts.append(f"{s['metric']} {scores['score_before']:.4f} → "
+                         f"{scores['score_after']:.4f} on {where}")
         parts.append(size(self.macs_after, self.macs_before, "MACs"))
         parts.append(size(self.params_after, self.params_before, "params"))
         if self.efficiency is not None:
@@ -343,7 +349,7 @@ class Report:
             table = self._blocks(header, rows, max(width, 40))
         if any(h.endswith(" ms") for h in header):
             table.append("(ms: before→after, and how many times faster)")
-        summary = [printable(s) for s in self.summary_lines()]
+        summary = [printable(s) for s in self.summary_lines() + ["result: " + self.headline()]]
         if width is not None:
             summary = [part for line in summary
                        for part in textwrap.wrap(line, max(width, 40), subsequent_indent="  ",
