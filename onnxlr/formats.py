@@ -77,7 +77,19 @@ def plus_minus(x: float, lat: dict | None) -> int | None:
     span = interval(lat)
     if span is None or not x:
         return None
-    return max(1, round(100 * (span[1] - span[0]) / 2 / x))
+    return round(100 * (span[1] - span[0]) / 2 / x)
+
+
+def spread(x: float, lat: dict | None, sign: str = "x") -> str:
+    """'±3%' for a roughly symmetric interval, else the interval itself ('95% interval
+    1.21–8.50x'): a ±160% would claim a lower end below zero."""
+    span = interval(lat)
+    if span is None or not x:
+        return ""
+    below, above = max(x - span[0], 0.0), max(span[1] - x, 0.0)
+    if max(below, above) <= 2 * max(min(below, above), 0.005 * x):
+        return f"±{plus_minus(x, lat)}%"
+    return f"95% interval {span[0]:.2f}–{span[1]:.2f}{sign}"
 
 
 def speed(x: float | None, lat: dict | None = None, sign: str = "x") -> str:
@@ -85,11 +97,12 @@ def speed(x: float | None, lat: dict | None = None, sign: str = "x") -> str:
     median's 95% interval holds 1; '2.72x faster (±9%)' when the interval is known."""
     if x is None:
         return "not measured"
-    pm = plus_minus(x, lat)
+    noise_text = spread(x, lat, sign)
     if uncertain(x, lat):
-        return f"{times(x, 2, sign)}, within noise ±{pm}%"
+        wrapped = noise_text if noise_text.startswith("±") else f"({noise_text})"
+        return f"{times(x, 2, sign)}, within noise {wrapped}"
     text = f"{times(x, 2, sign)} {speed_word(x)}"
-    return text + (f" (±{pm}%)" if pm is not None else "")
+    return text + (f" ({noise_text})" if noise_text else "")
 
 
 def points(before: float, after: float, digits: int = 1) -> str:

@@ -221,7 +221,7 @@ class Report:
         speed-up; :mod:`onnxlr.formats`)."""
         parts = []
         if self.speedup is not None:
-            parts.append(f"end to end {speed(self.speedup, self.latency)} (measured)")
+            parts.append(f"measured end to end: {speed(self.speedup, self.latency)}")
         s = self.search or {}
         scores = s.get("evaluation") or s
         if scores:

@@ -185,6 +185,14 @@ def test_a_speedup_within_the_noise_is_not_a_verdict():
     assert "2.00x faster (±5%)" in faster.to_text() and "good" in _cards(faster)[0]
 
 
+def test_a_lopsided_interval_is_shown_as_it_is():
+    lat = {"speedup_ci_low": 1.21, "speedup_ci_high": 8.5}
+    assert formats.speed(2.07, lat) == "2.07x faster (95% interval 1.21–8.50x)"
+    lat = {"speedup_ci_low": 0.5, "speedup_ci_high": 3.05}
+    assert formats.speed(1.02, lat) == "1.02x, within noise (95% interval 0.50–3.05x)"
+    assert formats.speed(2.0) == "2.00x faster" and formats.speed(None) == "not measured"
+
+
 def test_end_to_end_reports_the_interval_of_its_speedup():
     from onnxlr.accept import end_to_end
     from onnxlr.runtime import make_inputs
