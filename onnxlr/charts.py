@@ -262,7 +262,8 @@ class Axes:
 
 def line_chart(title: str, series: list[tuple[str, str, bool, list[tuple[float, float, str]]]],
                ring: tuple[float, float] | None, note: str = "", *, x_label: str, y_label: str,
-               integer_x: bool = False, width: float = 300, height: float = 214) -> str:
+               integer_x: bool = False, x_domain: tuple[float, float] | None = None,
+               width: float = 300, height: float = 214) -> str:
     """Small multiple: lines through points, one ringed (the kept candidate).
 
     The note (what the ring marks, or that nothing was kept) is written in the header band
@@ -273,11 +274,14 @@ def line_chart(title: str, series: list[tuple[str, str, bool, list[tuple[float, 
         ring: (x, y) to ring, or None.
         note: the header's second line.
         integer_x: whole-number x ticks (ranks).
+        x_domain: an x range every panel of a set shows (e.g. 0–100 %), so that panels
+            compare at a glance.
     """
     pts = [(x, y) for _, _, _, s in series for x, y, _ in s]
     if not pts:
         return ""
-    ax = Axes(width, height, [p[0] for p in pts], [p[1] for p in pts], integer_x=integer_x,
+    xs = [p[0] for p in pts] + list(x_domain or ())
+    ax = Axes(width, height, xs, [p[1] for p in pts], integer_x=integer_x,
               margin=(42, 14, 40, 52))
     body = [_text(8, 16, shorten(title, 40), cls="small-title"), f"<title>{esc(title)}</title>"]
     if note:

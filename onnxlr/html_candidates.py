@@ -95,7 +95,8 @@ def error_vs_rank(x, colour: str, kind: str) -> str:
             note = f"kept {_ranks(final)} (not among these)"
     x_label = "rank" if kind == "rank" else "MACs kept (% of the layer)"
     return charts.line_chart(x.name, series, ring, note, x_label=x_label, y_label="rel. error",
-                             integer_x=kind == "rank")
+                             integer_x=kind == "rank",
+                             x_domain=None if kind == "rank" else (0.0, 100.0))
 
 
 def scatter_points(r: Report) -> tuple[list[dict], dict[str, str], bool]:

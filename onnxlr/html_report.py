@@ -119,12 +119,11 @@ def _cards(r: Report) -> str:
     lat = r.latency or {}
     if r.speedup is not None:
         span = interval(lat)
-        sub = f"end to end, {describe_setup(lat)}"
-        if span is not None:
-            sub += f"; 95% interval {span[0]:.2f}–{span[1]:.2f}×"
-        word = speed(r.speedup, lat, "×").split(" ", 1)
-        cards.append(_card("measured speed-up", word[0].rstrip(","),
-                           (word[1] if len(word) > 1 else "") + " · " + sub, _speed_class(r)))
+        word = ("within noise" if uncertain(r.speedup, lat) else
+                "faster" if r.speedup >= 1 else "slower")
+        sub = word + ("" if span is None else f", 95% interval {span[0]:.2f}–{span[1]:.2f}×")
+        cards.append(_card("measured speed-up", f"{r.speedup:.2f}×",
+                           f"{sub} · end to end, {describe_setup(lat)}", _speed_class(r)))
     else:
         cards.append(_card("measured speed-up", "not measured", "end-to-end timing was off",
                            "muted"))
@@ -146,12 +145,11 @@ def _cards(r: Report) -> str:
         cards.append(_card("output error", "not verified", "ONNX Runtime was not run", "muted"))
     m = _metric(r)
     if m is not None:
-        name, before, after, on = m
+        name, before, after, _ = m
         change = points(before, after) if name in ("accuracy", "top1") else \
             f"drop {before - after:.4f}".replace("-0.0000", "0.0000")
         cards.append(_card(name, _score(name, after),
-                           f"original {_score(name, before)} ({change})"
-                           + (f" · {on}" if on else ""),
+                           f"original {_score(name, before)} ({change})",
                            "bad" if before - after > (r.search or {}).get("max_drop",
                                                                       ACCURACY_DROP) else ""))
     counts = {s: sum(1 for x in r.shown if x.status == s) for s in (FACTORISED, REVERTED, DECLINED)}

@@ -243,6 +243,9 @@ def test_panels_share_one_x_axis():
     labels = {"".join(t.itertext()) for s in _panels(rep).values()
               for t in s.iter(f"{SVG}text") if t.get("class") == "axis-label"}
     assert "MACs kept (% of the layer)" in labels and "rank" not in labels
+    xticks = [[t.text for t in s.iter(f"{SVG}text") if t.get("class") == "tick"
+               and t.get("text-anchor") == "middle"] for s in _panels(rep).values()]
+    assert len(xticks) == 2 and xticks[0] == xticks[1] and xticks[0][-1] == "100"
     for rec in rep.records:
         if rec.candidates:
             rec.candidates = [c for c in rec.candidates if len(c["ranks"]) == 1] or [
