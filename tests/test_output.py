@@ -265,7 +265,7 @@ def test_status_readable_in_a_narrow_window():
         pills = [s.text for s in inline[0].iter(f"{XHTML}span")
                  if (s.get("class") or "").startswith("pill")] if inline else []
         assert pills and pills[0] in ("factorised", "reverted", "declined")
-    narrow = page[page.index("@media (max-width: 860px)"):]
+    narrow = page[page.index("@media (max-width: 1100px)"):]
     hidden = next(rule for rule in narrow.split("}") if "td.status" in rule)
     shown = next(rule for rule in narrow.split("}") if ".inline-status" in rule)
     assert "display: none" in hidden and "display: block" in shown
@@ -277,3 +277,36 @@ def test_no_import_cycle_and_html_report_stays_small():
     runtime_imports = [n for n in tree.body if isinstance(n, ast.ImportFrom)]
     assert "onnxlr.report" not in {n.module for n in runtime_imports}
     assert len((src / "html_report.py").read_text().splitlines()) <= 400
+
+
+CHROMIUM = next((c for c in ("chromium", "chromium-browser", "google-chrome")
+                 if __import__("shutil").which(c)), None)
+PROBE = """<script>//<![CDATA[
+var rows = [].slice.call(document.querySelectorAll('tr')).filter(function (tr) {
+  return tr.querySelector('.inline-status'); });
+var seen = rows.map(function (tr) {
+  return [].slice.call(tr.querySelectorAll('.pill')).filter(function (e) {
+    var r = e.getBoundingClientRect();
+    return r.width > 0 && r.left >= 0 && r.right <= window.innerWidth; }).length; });
+document.body.setAttribute('data-probe', JSON.stringify({
+  scroll: document.documentElement.scrollWidth, inner: window.innerWidth, pills: seen}));
+//]]></script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium (Debian: apt-get install "
+                    "chromium)")
+@pytest.mark.parametrize("width", [760, 1000, 1280])
+def test_a_browser_shows_every_status_without_sideways_scrolling(tmp_path, width):
+    """The page as a browser lays it out: no horizontal scroll, each layer's status pill
+    inside the window."""
+    import html
+    import json
+    page = render_html(_wide_report()).replace("</body>", PROBE + "</body>")
+    path = tmp_path / "r.html"
+    path.write_text(page, encoding="utf-8")
+    done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                           f"--window-size={width},1000", "--dump-dom", path.as_uri()],
+                          capture_output=True, text=True, timeout=180)
+    probe = json.loads(html.unescape(re.search(r'data-probe="([^"]*)"', done.stdout).group(1)))
+    assert probe["scroll"] <= probe["inner"] == width
+    assert probe["pills"] and all(n >= 1 for n in probe["pills"])
