@@ -81,37 +81,56 @@ class Plain:
 
 
 class Terminal:
-    """rich progress rows on a terminal (stderr): one per phase, with ETA."""
+    """rich progress rows on a terminal (stderr): one per phase, with ETA.
 
-    def __init__(self, stream=None, what: str = "onnxlr", console=None):
+    The library says when an item starts, not when a phase ends: a finished phase's time is
+    its first callback to its last, plus one mean item (calibration reports after each
+    batch: to its last callback), so that the unreported work after it (checks,
+    verification, the final timing) is not counted as the phase's. The first row is the
+    run's own clock, which keeps running through that work and stays with the total."""
+
+    def __init__(self, stream=None, what: str = "onnxlr", console=None, clock=None):
         from rich.console import Console
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
                                    TextColumn, TimeElapsedColumn, TimeRemainingColumn)
         self.console = console or Console(file=stream or sys.stderr, highlight=False)
+        kwargs = {"get_time": clock} if clock is not None else {}
         self.progress = Progress(
             SpinnerColumn(finished_text="✓" if _utf8(self.console) else "ok"),
             TextColumn("{task.fields[phase]}"), _phased(BarColumn(bar_width=20)),
             _phased(MofNCompleteColumn()), TimeElapsedColumn(),
-            TextColumn("{task.fields[eta]}"), _phased(TimeRemainingColumn(compact=True), running=True),
+            TextColumn("{task.fields[eta]}"),
+            _phased(TimeRemainingColumn(compact=True), running=True),
             TextColumn("{task.fields[item]}"),
             console=self.console, transient=False, refresh_per_second=8,
-            redirect_stderr=True, redirect_stdout=False)
+            redirect_stderr=True, redirect_stdout=False, **kwargs)
         self.what = what
         self.overall = None
         self.tasks: dict[str, int] = {}
+        self.seen: dict[str, list[float]] = {}   # phase → [first call, last call, last index]
         self.current: str | None = None
         self.started = False
+
+    def _task(self, task_id: int):
+        return next(t for t in self.progress.tasks if t.id == task_id)
 
     def _start(self) -> None:
         if not self.started:
             self.progress.start()
             self.overall = self.progress.add_task("", total=None, phase=self.what, eta="",
-                                                  item="")
+                                                  item="", overall=True)
             self.started = True
 
     def _finish(self, phase: str) -> None:
-        task = self.progress.tasks[self.tasks[phase]]
+        task = self._task(self.tasks[phase])
         self.progress.update(task.id, completed=task.total, item="", eta="")
+        first, last, index = self.seen[phase]
+        end = last
+        if not _after_item(phase):
+            mean = (last - first) / index if index else self.progress.get_time() - first
+            end = min(self.progress.get_time(), last + mean)
+        if task.start_time is not None:
+            task.finished_time = max(0.0, end - task.start_time)
 
     def __call__(self, i: int, total: int, label: str) -> None:
         from rich.markup import escape as markup
@@ -123,9 +142,12 @@ class Terminal:
         # the row's fixed columns take ~58; the item gets what is left of the terminal
         room = max(0, self.console.width - 58 - len(phase))
         fields = {"phase": markup(phase), "item": markup(tail(escape.text(item), room)),
-                  "eta": "eta"}
-        if phase not in self.tasks or self.progress.tasks[self.tasks[phase]].total != total:
+                  "eta": "eta", "overall": False}
+        now = self.progress.get_time()
+        if phase not in self.tasks or self._task(self.tasks[phase]).total != max(total, 1):
             self.tasks[phase] = self.progress.add_task("", total=max(total, 1), **fields)
+            self.seen[phase] = [now, now, i]
+        self.seen[phase][1:] = [now, i]
         self.progress.update(self.tasks[phase], completed=done, **fields)
         self.current = phase
 
@@ -135,7 +157,7 @@ class Terminal:
         if self.current is not None:
             self._finish(self.current)
         if self.overall is not None:
-            self.progress.remove_task(self.overall)
+            self.progress.update(self.overall, total=1, completed=1, phase=f"{self.what} (total)")
         self.progress.stop()
         self.started = False
 
@@ -148,7 +170,7 @@ def _phased(column, running: bool = False):
 
     class Phased(ProgressColumn):
         def render(self, task):
-            hidden = task.total is None or (running and task.finished)
+            hidden = task.fields.get("overall") or (running and task.finished)
             return Text("") if hidden else column.render(task)
     return Phased()
 

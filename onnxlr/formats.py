@@ -72,12 +72,13 @@ def uncertain(x: float | None, lat: dict | None) -> bool:
     return x is not None and span is not None and span[0] <= 1.0 <= span[1]
 
 
-def plus_minus(x: float, lat: dict | None) -> int | None:
-    """Half the interval's width, in percent of the median speed-up."""
+def plus_minus(x: float, lat: dict | None) -> str | None:
+    """Half the interval's width, in percent of the median speed-up: '3', '0.4'."""
     span = interval(lat)
     if span is None or not x:
         return None
-    return round(100 * (span[1] - span[0]) / 2 / x)
+    value = 100 * (span[1] - span[0]) / 2 / x
+    return f"{value:.0f}" if value >= 0.95 else f"{value:.1f}"
 
 
 def spread(x: float, lat: dict | None, sign: str = "x") -> str:

@@ -98,24 +98,33 @@ def test_cli_output_fits_an_80_column_terminal(tmp_path):
 def test_terminal_progress_has_a_row_per_phase_with_eta():
     from rich.console import Console
     buf = io.StringIO()
+    now = [0.0]
     view = console.Terminal(console=Console(file=buf, force_terminal=True, width=80,
-                                            color_system=None))
+                                            color_system=None), clock=lambda: now[0])
     for i in range(4):
+        now[0] += 1.0                                       # 4 s of calibration
         view(16 * (i + 1) - 1, 64, "calibration samples")
-    for i in range(3):
+    for i in range(3):                                     # timing: 10 s per layer
         view(i, 3, f"timing /features/features.{i}/{'very_long_segment/' * 6}Conv")
+        now[0] += 10.0
     view.progress.refresh()
-    running = buf.getvalue()
+    running = ANSI.sub("", buf.getvalue())
     view(0, 2, "sensitivity /a")
+    now[0] += 2.0
+    view(1, 2, "sensitivity /b")
+    now[0] += 100.0                                        # unreported work: checks, timing
     view.close()
     screen = ANSI.sub("", buf.getvalue())
     frames = [f for line in screen.split("\n") for f in line.split("\r")]
     assert max(map(len, frames)) <= 80
-    assert "eta" in ANSI.sub("", running) and "timing" in running
-    assert "…" in ANSI.sub("", running)                   # the long layer name cut to fit
-    last = [f for f in frames if f.strip()][-3:]           # the rows left when it is done
-    assert [f.split()[1] for f in last] == ["calibration", "timing", "sensitivity"]
-    assert "64/64" in last[0] and "3/3" in last[1] and "2/2" in last[2]
+    assert "eta" in running and "timing" in running
+    assert "…" in running                                 # the long layer name cut to fit
+    last = [f for f in frames if f.strip()][-4:]           # the rows left when it is done
+    assert [f.split()[1] for f in last] == ["onnxlr", "calibration", "timing", "sensitivity"]
+    assert "0:02:15" in last[0]                            # the whole run, unreported work too
+    assert "64/64" in last[1] and "0:00:03" in last[1]     # first batch to last batch
+    assert "3/3" in last[2] and "0:00:30" in last[2]       # 3 layers of 10 s, not 10 + 100
+    assert "2/2" in last[3] and "0:00:04" in last[3]       # 2 items of 2 s, not 2 + 100
     assert not any("eta" in f for f in last)
 
 
