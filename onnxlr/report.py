@@ -19,8 +19,10 @@ package; the tests validate real reports against it)::
                    efficiency (speedup / macs_reduction), latency_before_ms, latency_after_ms}
     verification  null or {inputs, max_error, worst_rel_l2, passed,
                    outputs: [{name, rel_l2, max_abs, cosine, top1_agreement}]}
-    latency       null or {provider, threads, batch, before_ms, after_ms, speedup, ...}
-                  (end to end, original vs result interleaved; extra keys pass through)
+    latency       null or {provider, threads, batch, before_ms, after_ms, speedup,
+                  speedup_p10, speedup_p90, speedup_ci_low, speedup_ci_high, ...} (end to
+                  end, interleaved; the per-round speed-ups' spread and a 95% interval of
+                  their median; extra keys pass through)
     profile       null or {layer: {before_ms, after_ms}} (ORT profiling inside the whole
                   model; "(other)" holds the ops outside every layer)
     budget        null or the budget's own dict (targets, achieved, which constraint bound)
@@ -31,9 +33,10 @@ package; the tests validate real reports against it)::
                   candidates [{ranks, macs, weight_error, local_error, latency_ms, chosen, ...}],
                   extra, layer_speedup
 
-MACs count the candidate layers only, so ``macs_reduction`` is the ideal
-speed-up of those layers; ``efficiency`` = measured end-to-end speed-up ÷ that
-reduction (BENCHMARKING.md): 1.0 means the FLOP saving turned fully into time.
+MACs count the candidate layers only, so ``macs_reduction`` is the ideal speed-up of those
+layers; ``efficiency`` = measured end-to-end speed-up ÷ that reduction: 1.0 means the FLOP
+saving turned fully into time. Text, Markdown and HTML write every ratio one way
+(:mod:`onnxlr.formats`); the module is over 400 lines by the narrow text table's dozen.
 """
 from __future__ import annotations
 
@@ -42,9 +45,9 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
-from onnxlr import escape, formats
+from onnxlr import escape, formats, text_table
 from onnxlr.formats import describe_setup, fmt_value, human, ms_pair, ratio, size, speed
-from onnxlr.records import DECLINED, FACTORISED, LayerRecord
+from onnxlr.records import FACTORISED, LayerRecord
 
 __all__ = ["Report", "SCHEMA", "describe_setup", "fmt_value", "human", "md_cell", "ms_pair",
            "printable"]
@@ -55,10 +58,6 @@ SCHEMA = "onnxlr.report/1"
 def _version() -> str:
     from onnxlr import __version__
     return __version__
-
-
-def _ratio(after: float, before: float) -> float:
-    return ratio(after, before)
 
 
 @dataclass
@@ -156,8 +155,8 @@ class Report:
                 "layers_considered": len(self.records),
                 "params_before": self.params_before, "params_after": self.params_after,
                 "macs_before": self.macs_before, "macs_after": self.macs_after,
-                "params_ratio": _ratio(self.params_after, self.params_before),
-                "macs_ratio": _ratio(self.macs_after, self.macs_before),
+                "params_ratio": ratio(self.params_after, self.params_before),
+                "macs_ratio": ratio(self.macs_after, self.macs_before),
                 "output_error": self.output_error, "bound_met": self.bound_met,
                 "accuracy_before": None if self.accuracy is None else self.accuracy[0],
                 "accuracy_after": None if self.accuracy is None else self.accuracy[1],
@@ -342,11 +341,8 @@ class Report:
         then its numbers, then the reason, wrapped), and the summary wraps; nothing is cut."""
         header = self._columns()
         rows = [[printable(c) for c in row] for row in self._rows()]
-        widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header) - 1)]
-        table = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1]
-                 for row in [header] + rows]
-        if width is not None and max(len(line) for line in table) > width:
-            table = self._blocks(header, rows, max(width, 40))
+        table = text_table.table(header, rows, [(printable(r.status), printable(r.reason or ""))
+                                                for r in self.shown], width)
         if any(h.endswith(" ms") for h in header):
             table.append("(ms: before→after, and how many times faster)")
         summary = [printable(s) for s in self.summary_lines() + ["result: " + self.headline()]]
@@ -355,45 +351,6 @@ class Report:
                        for part in textwrap.wrap(line, max(width, 40), subsequent_indent="  ",
                                                  break_on_hyphens=False) or [""]]
         return "\n".join(table + [""] + summary)
-
-    def _blocks(self, header: list[str], rows: list[list[str]], width: int) -> list[str]:
-        """The narrow table: per layer, 'name (op weight)' with its status at the right, its
-        numbers under it (in as many lines as the width needs), its reason wrapped."""
-        numbers = list(range(3, len(header) - 1))       # method … timing columns
-        shown = [(rec, row) for rec, row in zip(self.shown, rows)]
-        measured = [row for rec, row in shown if rec.status != DECLINED]
-        widths = {i: max(len(row[i]) for row in [header] + measured) for i in numbers}
-        groups, line, used = [], [], 2
-        for i in numbers:                                 # columns in lines of ``width``
-            if line and used + widths[i] > width:
-                groups.append(line)
-                line, used = [], 2
-            line.append(i)
-            used += widths[i] + 2
-        groups.append(line)
-
-        def numbers_lines(row):
-            return ["  " + "  ".join(row[i].ljust(widths[i]) for i in g).rstrip() for g in groups]
-
-        def name_lines(name: str, status: str) -> list[str]:
-            lines = textwrap.wrap(name, width, break_long_words=True, break_on_hyphens=False)
-            if len(lines[-1]) + 2 + len(status) <= width:
-                lines[-1] = lines[-1] + " " * (width - len(lines[-1]) - len(status)) + status
-            else:
-                lines.append(status.rjust(width))
-            return lines
-
-        out = name_lines(f"{header[0]} ({header[1]} {header[2]})", header[-1])
-        out += numbers_lines(header)
-        out.append("-" * width)
-        for rec, row in shown:
-            out += name_lines(f"{row[0]} ({row[1]} {row[2]})", printable(rec.status))
-            if rec.status != DECLINED:
-                out += numbers_lines(row)
-            if rec.reason and rec.status != FACTORISED:
-                out += textwrap.wrap(printable(rec.reason), width, initial_indent="  ",
-                                     subsequent_indent="  ", break_on_hyphens=False)
-        return out
 
     def to_html(self) -> str:
         """Self-contained HTML page with charts (:mod:`onnxlr.html_report`)."""
