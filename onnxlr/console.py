@@ -136,7 +136,7 @@ class Terminal:
         from rich.markup import escape as markup
         self._start()
         phase, item = phase_of(label)
-        if phase != self.current and self.current is not None:
+        if self.current is not None and (phase != self.current or i < self.seen[phase][2]):
             self._finish(self.current)
         done = min(i + 1 if _after_item(phase) else i, total)
         # the row's fixed columns take ~58; the item gets what is left of the terminal
@@ -144,7 +144,8 @@ class Terminal:
         fields = {"phase": markup(phase), "item": markup(tail(escape.text(item), room)),
                   "eta": "eta", "overall": False}
         now = self.progress.get_time()
-        if phase not in self.tasks or self._task(self.tasks[phase]).total != max(total, 1):
+        if (phase not in self.tasks or self._task(self.tasks[phase]).total != max(total, 1)
+                or i < self.seen[phase][2]):    # the phase again (another pass): a new row
             self.tasks[phase] = self.progress.add_task("", total=max(total, 1), **fields)
             self.seen[phase] = [now, now, i]
         self.seen[phase][1:] = [now, i]

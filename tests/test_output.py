@@ -128,6 +128,18 @@ def test_terminal_progress_has_a_row_per_phase_with_eta():
     assert not any("eta" in f for f in last)
 
 
+def test_a_phase_run_again_gets_a_row_of_its_own():
+    from rich.console import Console
+    buf = io.StringIO()
+    view = console.Terminal(console=Console(file=buf, force_terminal=True, width=80,
+                                            color_system=None))
+    for label in ("timing a", "timing b", "timing pruned a", "timing pruned b"):
+        view(0 if label.endswith("a") else 1, 2, label)
+    view.close()
+    assert len(view.progress.tasks) == 3                     # the run's total + two passes
+    assert all(t.finished for t in view.progress.tasks)
+
+
 def test_log_lines_go_to_the_current_stderr(monkeypatch):
     import logging
     handler = console.StderrHandler()
