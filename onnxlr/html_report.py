@@ -12,7 +12,8 @@ Layout: settings · what happened in one sentence · cards · what to look at ·
 budget · latency per layer · the layer table · candidates (:mod:`onnxlr.html_candidates`) ·
 verification. Ratios point one way (:mod:`onnxlr.formats`); a speed-up whose interval holds
 1 is "within noise", neither green nor red. Styles: ``report.css`` beside this file; at
-760 px the table drops secondary columns and shows each status under the layer's name.
+1100 px and less (760 included) the table drops secondary columns and puts each status
+under the layer's name.
 """
 from __future__ import annotations
 
