@@ -101,6 +101,9 @@ def end_to_end(original: onnx.ModelProto, result: onnx.ModelProto, feeds, *,
     return {"provider": provider, "threads": threads,
             "batch": _batch(feeds), "iterations": b.iterations,
             "before_ms": a.median_ms, "after_ms": b.median_ms, "speedup": timed.speedups[1],
+            # the per-round speed-ups' p10/p90, and a 95% interval of their median: the noise
+            "speedup_p10": timed.spreads[1][0], "speedup_p90": timed.spreads[1][1],
+            "speedup_ci_low": timed.intervals[1][0], "speedup_ci_high": timed.intervals[1][1],
             "p10_before_ms": a.p10_ms, "p90_before_ms": a.p90_ms,
             "p10_after_ms": b.p10_ms, "p90_after_ms": b.p90_ms}
 

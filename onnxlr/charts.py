@@ -59,17 +59,21 @@ def shorten(label: str, n: int = 34) -> str:
     return "…" + tail
 
 
-def nice_ticks(hi: float, count: int = 5, lo: float = 0.0) -> list[float]:
-    """Round tick values (1, 2, 2.5, 5 × 10^k) covering [lo, hi]."""
+def nice_ticks(hi: float, count: int = 5, lo: float = 0.0, integer: bool = False) -> list[float]:
+    """Round tick values (1, 2, 2.5, 5 × 10^k) covering [lo, hi]; with ``integer`` (ranks,
+    counts), whole numbers only: steps of at least 1 and never 2.5."""
     if not hi > lo:
         hi = lo + 1.0
     raw = (hi - lo) / count
     mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    steps = (1, 2, 5, 10) if integer else (1, 2, 2.5, 5, 10)
+    step = next(m * mag for m in steps if m * mag >= raw)
+    if integer:
+        step = max(1, round(step))
     start = math.floor(lo / step) * step
     ticks, t = [], start
     while t <= hi + step * 0.999:
-        ticks.append(round(t, 12))
+        ticks.append(float(round(t)) if integer else round(t, 12))
         t += step
     return ticks
 
@@ -213,12 +217,15 @@ class Axes:
 
     def __init__(self, width: float, height: float, xs: list[float], ys: list[float], *,
                  margin: tuple[float, float, float, float] = (28, 14, 40, 52),
-                 y_from_zero: bool = True, x_from_zero: bool = False):
+                 y_from_zero: bool = True, x_from_zero: bool = False, integer_x: bool = False):
         self.width, self.height = width, height
         self.top, self.right, self.bottom, self.left = margin
         xlo = 0.0 if x_from_zero else min(xs)
         ylo = 0.0 if y_from_zero else min(ys)
-        self.xticks = nice_ticks(max(xs), 4, lo=xlo) if max(xs) > xlo else [xlo, xlo + 1]
+        if integer_x:
+            xlo = math.floor(xlo)
+        self.xticks = (nice_ticks(max(xs), 4, lo=xlo, integer=integer_x) if max(xs) > xlo
+                       else [xlo, xlo + 1])
         self.yticks = nice_ticks(max(ys), 4, lo=ylo) if max(ys) > ylo else [ylo, ylo + 1]
 
     def x(self, v: float) -> float:
@@ -254,19 +261,35 @@ class Axes:
 
 
 def line_chart(title: str, series: list[tuple[str, str, bool, list[tuple[float, float, str]]]],
-               chosen: tuple[float, float, str] | None, *, x_label: str, y_label: str,
-               width: float = 300, height: float = 200) -> str:
-    """Small multiple: lines through points, one highlighted (the chosen candidate).
+               ring: tuple[float, float] | None, note: str = "", *, x_label: str, y_label: str,
+               integer_x: bool = False, x_domain: tuple[float, float] | None = None,
+               width: float = 300, height: float = 214) -> str:
+    """Small multiple: lines through points, one ringed (the kept candidate).
+
+    The note (what the ring marks, or that nothing was kept) is written in the header band
+    above the plot, next to a ring of the same kind, so it never covers a line or a point.
 
     Args:
         series: (name, colour, dashed, [(x, y, tooltip)]).
-        chosen: (x, y, label) to ring, or None.
+        ring: (x, y) to ring, or None.
+        note: the header's second line.
+        integer_x: whole-number x ticks (ranks).
+        x_domain: an x range every panel of a set shows (e.g. 0–100 %), so that panels
+            compare at a glance.
     """
     pts = [(x, y) for _, _, _, s in series for x, y, _ in s]
     if not pts:
         return ""
-    ax = Axes(width, height, [p[0] for p in pts], [p[1] for p in pts])
+    xs = [p[0] for p in pts] + list(x_domain or ())
+    ax = Axes(width, height, xs, [p[1] for p in pts], integer_x=integer_x,
+              margin=(42, 14, 40, 52))
     body = [_text(8, 16, shorten(title, 40), cls="small-title"), f"<title>{esc(title)}</title>"]
+    if note:
+        if ring is not None:
+            body.append('<circle class="key" cx="14" cy="30" r="5" fill="none" '
+                        'stroke="#111827" stroke-width="2" />')
+        body.append(_text(24 if ring is not None else 8, 34, shorten(note, 44),
+                          cls="annot" if ring is not None else "annot muted"))
     body += ax.frame(x_label, y_label)
     for _, colour, dashed, s in series:
         s = sorted(s)
@@ -278,18 +301,9 @@ def line_chart(title: str, series: list[tuple[str, str, bool, list[tuple[float, 
         for x, y, tip in s:
             body.append(f'<circle cx="{ax.x(x):.1f}" cy="{ax.y(y):.1f}" r="3" fill="{colour}">'
                         f"<title>{esc(tip)}</title></circle>")
-    if chosen is not None:
-        cx, cy = ax.x(chosen[0]), ax.y(chosen[1])
-        body.append(f'<circle class="chosen" cx="{cx:.1f}" cy="{cy:.1f}" r="7" fill="none" '
-                    f'stroke="#111827" stroke-width="2" />')
-        est = 6.0 * len(chosen[2])  # ~px at the annotation's 11 px font
-        if cx + 10 + est <= width - 4:
-            tx, anchor = cx + 10, "start"
-        elif cx - 10 - est >= 4:
-            tx, anchor = cx - 10, "end"
-        else:
-            tx, anchor = max(4.0, width - 4 - est), "start"
-        body.append(_text(tx, cy - 9, chosen[2], anchor=anchor, cls="annot"))
+    if ring is not None:
+        body.append(f'<circle class="chosen" cx="{ax.x(ring[0]):.1f}" cy="{ax.y(ring[1]):.1f}" '
+                    'r="7" fill="none" stroke="#111827" stroke-width="2" />')
     return _svg(width, height, body, f"error against rank, {title}")
 
 
@@ -303,12 +317,10 @@ def scatter(points: list[dict], colours: dict[str, str], *, x_label: str, y_labe
     ax = Axes(width - legend_w, height, [p["x"] for p in points], ys, x_from_zero=True,
               margin=(16, 14, 40, 52))
     body = ax.frame(x_label, y_label)
-    if hline is not None:
+    if hline is not None:  # explained in the legend, not written over the points
         y = ax.y(hline)
         body.append(f'<line class="one" x1="{ax.left}" y1="{y:.1f}" x2="{ax.width - ax.right}" '
                     f'y2="{y:.1f}" />')
-        body.append(_text(ax.width - ax.right - 4, y - 5, f"{num(hline)}× (no faster)",
-                          anchor="end", cls="annot muted"))
     for p in sorted(points, key=lambda p: p.get("chosen", False)):  # chosen drawn on top
         colour = colours.get(p["group"], OTHER_COLOR)
         big = p.get("chosen")
@@ -317,14 +329,19 @@ def scatter(points: list[dict], colours: dict[str, str], *, x_label: str, y_labe
                     f'cy="{ax.y(p["y"]):.1f}" r="{7 if big else 4}" fill="{colour}"{stroke}>'
                     f"<title>{esc(p.get('tip', ''))}</title></circle>")
     leg = []
-    for i, (group, colour) in enumerate(list(colours.items())[:14]):
+    for i, (group, colour) in enumerate(list(colours.items())[:12]):
         y = 24 + i * 20
         leg.append(f'<circle cx="{width - legend_w + 16}" cy="{y - 4}" r="5" fill="{colour}" />')
         leg.append(_text(width - legend_w + 26, y, shorten(group, 28), cls="legend"))
-    if len(colours) > 14:
-        leg.append(_text(width - legend_w + 26, 24 + 14 * 20, f"… {len(colours) - 14} more",
+    if len(colours) > 12:
+        leg.append(_text(width - legend_w + 26, 24 + 12 * 20, f"… {len(colours) - 12} more",
                          cls="legend muted"))
     leg.append(f'<circle cx="{width - legend_w + 16}" cy="{height - 30}" r="7" fill="none" '
                f'stroke="#111827" stroke-width="2" />')
-    leg.append(_text(width - legend_w + 28, height - 26, "chosen ranks", cls="legend"))
+    leg.append(_text(width - legend_w + 28, height - 26, "ranks kept", cls="legend"))
+    if hline is not None:
+        leg.append(f'<line class="one" x1="{width - legend_w + 8}" y1="{height - 54}" '
+                   f'x2="{width - legend_w + 24}" y2="{height - 54}" />')
+        leg.append(_text(width - legend_w + 28, height - 50, f"{num(hline)}× (no faster)",
+                         cls="legend"))
     return _svg(width, height, body + leg, "speed-up against error of the candidates")

@@ -174,48 +174,33 @@ def cmd_bench(args) -> int:
     return 0
 
 
-_PLAIN = {"phase": None, "step": -1, "start": None}
 _QUIET = {"on": False}
-#: Plain progress lines start only after this many seconds: a quick run (or a quick
-#: failure, whose one error line a pipeline parses) prints none.
-PLAIN_AFTER_SECONDS = 3.0
+#: The progress renderer of the running command (:mod:`onnxlr.console`), or None.
+_VIEW: dict = {"current": None}
 
 
 def _progress(i: int, total: int, name: str) -> None:
-    """A one-line bar on a terminal; plain lines (each phase, every quarter of it) when stderr
-    is a pipe or a file, so a pipeline's log shows that work goes on."""
+    """The library's progress callback, rendered by :mod:`onnxlr.console`: rich rows with
+    ETA on a terminal, plain lines (each phase, every quarter of it) in a pipe or a file."""
     if _QUIET["on"]:
         return
-    if not sys.stderr.isatty():
-        import time
+    if _VIEW["current"] is None:
+        from onnxlr import console
+        _VIEW["current"] = console.view(False, sys.stderr)
+    _VIEW["current"](i, total, name)
 
-        from onnxlr.escape import text
-        now = time.monotonic()
-        if _PLAIN["start"] is None:
-            _PLAIN["start"] = now
-        if now - _PLAIN["start"] < PLAIN_AFTER_SECONDS:
-            return
-        phase = name.split(" ", 1)[0]
-        quarter = 4 * i // max(total, 1)
-        if phase != _PLAIN["phase"] or quarter != _PLAIN["step"]:
-            _PLAIN.update(phase=phase, step=quarter)
-            print(f"onnxlr: {text(name)} ({i + 1}/{total})", file=sys.stderr, flush=True)
-        return
+
+def _end_progress() -> None:
+    view, _VIEW["current"] = _VIEW["current"], None
+    if view is not None:
+        view.close()
+
+
+def _width() -> int | None:
+    """Columns the printed report must fit: the terminal's; none in a pipe or a file (one
+    line per layer there, for grep and diff, whatever $COLUMNS an environment exports)."""
     import shutil
-
-    from onnxlr.report import printable
-    fancy = (sys.stderr.encoding or "").lower().replace("-", "") == "utf8"
-    full, empty = ("█", "░") if fancy else ("#", "-")
-    done = min(24, 24 * (i + 1) // max(total, 1))
-    head = f"{full * done}{empty * (24 - done)} {i + 1}/{total} "
-    room = shutil.get_terminal_size((80, 20)).columns - len(head) - 1
-    label = printable(name)
-    if len(label) > room:
-        label = "…" + label[-(room - 1):] if room > 1 else ""
-    sys.stderr.write(f"\r\033[K{head}{label}")
-    if i + 1 == total:
-        sys.stderr.write("\r\033[K")
-    sys.stderr.flush()
+    return shutil.get_terminal_size((80, 24)).columns if sys.stdout.isatty() else None
 
 
 _REPORTS = {".json": "to_json", ".md": "to_markdown", ".html": "to_html", ".htm": "to_html"}
@@ -260,7 +245,8 @@ def cmd_optimize(args) -> int:
         metric=args.metric, max_drop=args.max_drop, timing_batch=args.timing_batch,
         evaluate=args.eval,
         profile=args.profile)
-    print(report.headline() if args.quiet else report.to_text())
+    _end_progress()
+    print(report.headline() if args.quiet else report.to_text(_width()))
     target = out if report.bound_met is not False else rejected_path(out)
     save_model(model, target, protect=reads)
     for path in args.report:
@@ -371,23 +357,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     previous = _sigterm_interrupts()
     _QUIET["on"] = bool(args.quiet)
-    _PLAIN.update(phase=None, step=-1, start=None)  # each command's quiet seconds start now
+    _VIEW["current"] = None  # each command's quiet seconds start now
     if args.quiet and args.verbose:
         parser.error("-q and -v contradict each other: choose one")
+    from onnxlr.console import StderrHandler
     logging.basicConfig(level=logging.INFO if args.verbose else
                         logging.ERROR if args.quiet else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format="%(levelname)s %(name)s: %(message)s",
+                        handlers=[StderrHandler()])
     try:
         commands = {"optimize": cmd_optimize, "inspect": cmd_inspect, "bench": cmd_bench}
         return commands[args.command](args)
     except OnnxlrError as exc:
         from onnxlr.escape import text
+        _end_progress()
         print(f"onnxlr: error: {text(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        _end_progress()
         print("onnxlr: interrupted; nothing was written", file=sys.stderr)
         return 130
     finally:
+        _end_progress()
         if previous is not None:
             import signal
             signal.signal(signal.SIGTERM, previous)

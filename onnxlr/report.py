@@ -19,8 +19,10 @@ package; the tests validate real reports against it)::
                    efficiency (speedup / macs_reduction), latency_before_ms, latency_after_ms}
     verification  null or {inputs, max_error, worst_rel_l2, passed,
                    outputs: [{name, rel_l2, max_abs, cosine, top1_agreement}]}
-    latency       null or {provider, threads, batch, before_ms, after_ms, speedup, ...}
-                  (end to end, original vs result interleaved; extra keys pass through)
+    latency       null or {provider, threads, batch, before_ms, after_ms, speedup,
+                  speedup_p10, speedup_p90, speedup_ci_low, speedup_ci_high, ...} (end to
+                  end, interleaved; the per-round speed-ups' spread and a 95% interval of
+                  their median; extra keys pass through)
     profile       null or {layer: {before_ms, after_ms}} (ORT profiling inside the whole
                   model; "(other)" holds the ops outside every layer)
     budget        null or the budget's own dict (targets, achieved, which constraint bound)
@@ -31,18 +33,24 @@ package; the tests validate real reports against it)::
                   candidates [{ranks, macs, weight_error, local_error, latency_ms, chosen, ...}],
                   extra, layer_speedup
 
-MACs count the candidate layers only, so ``macs_reduction`` is the ideal
-speed-up of those layers; ``efficiency`` = measured end-to-end speed-up ÷ that
-reduction (BENCHMARKING.md): 1.0 means the FLOP saving turned fully into time.
+MACs count the candidate layers only, so ``macs_reduction`` is the ideal speed-up of those
+layers; ``efficiency`` = measured end-to-end speed-up ÷ that reduction: 1.0 means the FLOP
+saving turned fully into time. Text, Markdown and HTML write every ratio one way
+(:mod:`onnxlr.formats`); the module is over 400 lines by the narrow text table's dozen.
 """
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
-from onnxlr import escape
+from onnxlr import escape, formats, text_table
+from onnxlr.formats import describe_setup, fmt_value, human, ms_pair, ratio, size, speed
 from onnxlr.records import FACTORISED, LayerRecord
+
+__all__ = ["Report", "SCHEMA", "describe_setup", "fmt_value", "human", "md_cell", "ms_pair",
+           "printable"]
 
 SCHEMA = "onnxlr.report/1"
 
@@ -50,18 +58,6 @@ SCHEMA = "onnxlr.report/1"
 def _version() -> str:
     from onnxlr import __version__
     return __version__
-
-
-def human(n: float) -> str:
-    """1234567 → '1.23M' (params, MACs)."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.0f}"
-
-
-def _ratio(after: float, before: float) -> float:
-    return after / before if before else 1.0
 
 
 @dataclass
@@ -159,8 +155,8 @@ class Report:
                 "layers_considered": len(self.records),
                 "params_before": self.params_before, "params_after": self.params_after,
                 "macs_before": self.macs_before, "macs_after": self.macs_after,
-                "params_ratio": _ratio(self.params_after, self.params_before),
-                "macs_ratio": _ratio(self.macs_after, self.macs_before),
+                "params_ratio": ratio(self.params_after, self.params_before),
+                "macs_ratio": ratio(self.macs_after, self.macs_before),
                 "output_error": self.output_error, "bound_met": self.bound_met,
                 "accuracy_before": None if self.accuracy is None else self.accuracy[0],
                 "accuracy_after": None if self.accuracy is None else self.accuracy[1],
@@ -220,15 +216,21 @@ class Report:
         return rows
 
     def headline(self) -> str:
-        """One line with the numbers a reader wants first."""
+        """One line with the numbers a reader wants first (sizes after ÷ before, time as the
+        speed-up; :mod:`onnxlr.formats`)."""
         parts = []
         if self.speedup is not None:
-            parts.append(f"{self.speedup:.2f}x faster end to end (measured)")
-        if self.macs_reduction is not None:
-            parts.append(f"{self.macs_reduction:.2f}x fewer MACs")
+            parts.append(f"measured end to end: {speed(self.speedup, self.latency)}")
+        s = self.search or {}
+        scores = s.get("evaluation") or s
+        if scores:
+            where = "unseen inputs" if s.get("evaluation") else "held-out inputs"
+            parts.append(f"{s['metric']} {scores['score_before']:.4f} → "
+                         f"{scores['score_after']:.4f} on {where}")
+        parts.append(size(self.macs_after, self.macs_before, "MACs"))
+        parts.append(size(self.params_after, self.params_before, "params"))
         if self.efficiency is not None:
             parts.append(f"efficiency {self.efficiency:.2f}")
-        parts.append(f"params {_ratio(self.params_after, self.params_before):.3f}x")
         if self.output_error is not None:
             bound = "" if self.max_error is None else (
                 f" (bound {self.max_error:g} {'met' if self.bound_met else 'EXCEEDED'})")
@@ -239,9 +241,9 @@ class Report:
         lines = [
             f"layers factorised: {len(self.factorised)} of {len(self.shown)} candidates",
             f"params: {human(self.params_before)} → {human(self.params_after)} "
-            f"({_ratio(self.params_after, self.params_before):.3f}x)",
+            f"({size(self.params_after, self.params_before, 'params', digits=3)})",
             f"MACs (candidate layers): {human(self.macs_before)} → {human(self.macs_after)} "
-            f"({_ratio(self.macs_after, self.macs_before):.3f}x)",
+            f"({size(self.macs_after, self.macs_before, 'MACs', digits=3)})",
         ]
         if self.comparison is not None:
             lines.append(f"verified on {self.verify_inputs}")
@@ -268,21 +270,23 @@ class Report:
         if not s:
             return []
         lines = [f"metric {s['metric']} ({s['metric_description']}): {s['score_before']:.4f} → "
-                 f"{s['score_after']:.4f}, drop {s['drop']:+.4f}"
-                 + (f", {100 * s['confidence']:.0f}% bound {s['drop_bound']:+.4f}"
+                 f"{s['score_after']:.4f}, drop {formats.drop(s['drop'])}"
+                 + (f", {100 * s['confidence']:.0f}% bound {formats.drop(s['drop_bound'])}"
                     if s.get("drop_bound") is not None and s.get("confidence") else "")
                  + f" (allowed {s['max_drop']:g}: {'met' if s.get('met_bound') else 'EXCEEDED'})"]
         ev = s.get("evaluation")
         if ev:
             lines.append(f"metric {s['metric']} on {ev['inputs']}: {ev['score_before']:.4f} → "
-                         f"{ev['score_after']:.4f} (drop {ev['drop']:+.4f})")
+                         f"{ev['score_after']:.4f} (drop {formats.drop(ev['drop'])})")
         if s.get("synthetic_inputs"):
             lines.append("WARNING: judged on SYNTHETIC random inputs, not real data: give --calib "
                          "or --inputs; the result may not hold on real inputs")
+        predicted = s.get("predicted_speedup")
         lines.append(f"search: {s['layers_with_ladders']} layers, {s['rungs']} candidates "
                      f"measured alone, {s['path_steps']} path steps, {len(s['checks'])} "
                      f"end-to-end checks, {s['gated_runs']} runs of one gated session; "
-                     f"predicted {fmt_value(s.get('predicted_speedup'))}x")
+                     "predicted " + (speed(predicted) if isinstance(predicted, (int, float))
+                                     else "-"))
         if s.get("target_met") is not None:
             lines.append(f"target {'met' if s['target_met'] else 'MISSED'}")
         return lines
@@ -291,24 +295,26 @@ class Report:
         lat = self.latency
         if not lat or lat.get("before_ms") is None:
             return []
-        spread = ""
-        if lat.get("p10") is not None and lat.get("p90") is not None:
-            spread = f" (p10–p90 {lat['p10']:.2f}–{lat['p90']:.2f}x)"
-        elif lat.get("p10_after_ms") is not None and lat.get("p90_after_ms") is not None:
-            spread = (f" (p10–p90 {lat.get('p10_before_ms', 0):.3f}–"
-                      f"{lat.get('p90_before_ms', 0):.3f} → {lat['p10_after_ms']:.3f}–"
-                      f"{lat['p90_after_ms']:.3f} ms)")
         line = (f"end to end ({describe_setup(lat)}): {lat['before_ms']:.3f} → "
-                f"{lat['after_ms']:.3f} ms, measured speed-up {self.speedup or 0:.2f}x{spread}")
+                f"{lat['after_ms']:.3f} ms, {speed(self.speedup, lat)}")
+        spread = formats.noise(lat)
+        if spread is not None:
+            rounds = f" over {lat['iterations']} interleaved rounds" if lat.get("iterations") else ""
+            line += f", per-round p10–p90 {spread[0]:.2f}–{spread[1]:.2f}x{rounds}"
+        elif lat.get("p10_after_ms") is not None and lat.get("p90_after_ms") is not None:
+            line += (f" (p10–p90 {lat.get('p10_before_ms', 0):.3f}–"
+                     f"{lat.get('p90_before_ms', 0):.3f} → {lat['p10_after_ms']:.3f}–"
+                     f"{lat['p90_after_ms']:.3f} ms)")
         if self.macs_reduction is not None:
-            line += f" vs MAC reduction {self.macs_reduction:.2f}x"
+            line += (f"; {size(self.macs_after, self.macs_before, 'MACs')} would ideally be "
+                     f"{speed(self.macs_reduction)}")
         if self.efficiency is not None:
             line += f": efficiency {self.efficiency:.2f}"
         lines = [line]
         if lat.get("returned") == "input":
             rejected = lat.get("rejected_speedup")
             lines.append("the result was not faster"
-                         + (f" ({rejected:.2f}x)" if isinstance(rejected, (int, float)) else "")
+                         + (f" ({speed(rejected)})" if isinstance(rejected, (int, float)) else "")
                          + ": the input model was returned unchanged")
         return lines
 
@@ -331,14 +337,22 @@ class Report:
         items = ", ".join(f"{k} {fmt_value(v)}" for k, v in self.budget.items())
         return [f"budget: {items}"]
 
-    def to_text(self) -> str:
+    def to_text(self, width: int | None = None) -> str:
+        """The layer table and the summary. With ``width`` (the terminal's columns), no line
+        is longer: a table too wide for it becomes one block per layer (the name and status,
+        then its numbers, then the reason, wrapped), and the summary wraps; nothing is cut."""
         header = self._columns()
-        rows = [header] + [[printable(c) for c in row] for row in self._rows()]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-        out = []
-        for row in rows:
-            out.append("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
-        return "\n".join(out + [""] + [printable(s) for s in self.summary_lines()])
+        rows = [[printable(c) for c in row] for row in self._rows()]
+        table = text_table.table(header, rows, [(printable(r.status), printable(r.reason or ""))
+                                                for r in self.shown], width)
+        if any(h.endswith(" ms") for h in header):
+            table.append("(ms: before→after, and how many times faster)")
+        summary = [printable(s) for s in self.summary_lines() + ["result: " + self.headline()]]
+        if width is not None:
+            summary = [part for line in summary
+                       for part in textwrap.wrap(line, max(width, 40), subsequent_indent="  ",
+                                                 break_on_hyphens=False) or [""]]
+        return "\n".join(table + [""] + summary)
 
     def to_html(self) -> str:
         """Self-contained HTML page with charts (:mod:`onnxlr.html_report`)."""
@@ -352,42 +366,6 @@ class Report:
         return "\n".join(["### onnxlr report", "", f"**{md_cell(self.headline())}**", ""]
                          + lines + [""]
                          + [f"- {md_cell(s)}" for s in self.summary_lines()]) + "\n"
-
-
-def ms_pair(before: float | None, after: float | None) -> str:
-    """'0.251→0.122 (2.06x)', or '-' when nothing was measured."""
-    if before is None and after is None:
-        return "-"
-    text = f"{_ms(before)}→{_ms(after)}"
-    if before and after:
-        text += f" ({before / after:.2f}x)"
-    return text
-
-
-def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3g}"
-
-
-def describe_setup(lat: dict) -> str:
-    """'cpu, 1 thread, batch 1' from a latency dict."""
-    threads = lat.get("threads")
-    parts = [str(lat.get("provider") or "cpu"),
-             "ORT default threads" if threads is None else
-             f"{threads} thread{'s' if threads != 1 else ''}"]
-    if lat.get("batch") is not None:
-        parts.append(f"batch {lat['batch']}")
-    return ", ".join(parts)
-
-
-def fmt_value(v: Any) -> str:
-    """A budget value for one line of text."""
-    if isinstance(v, bool) or v is None:
-        return str(v).lower() if v is not None else "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k}: {fmt_value(x)}" for k, x in v.items()) + "}"
-    return str(v)
 
 
 #: Model text in a terminal line / a Markdown cell: see :mod:`onnxlr.escape`.

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -657,10 +657,17 @@ class LatencyComparison:
         stats: one per session, in the order given.
         speedups: per session, the median over rounds of ``t_first / t_i``
             (so the first is 1.0 and >1 means faster than the first).
+        spreads: per session, (p10, p90) of those per-round ratios: how far one round
+            can be from the median.
+        intervals: per session, a 95% confidence interval of that median (order
+            statistics of the rounds, distribution-free): when it holds 1, "faster" or
+            "slower" is within the noise.
     """
 
     stats: list[LatencyStats]
     speedups: list[float]
+    spreads: list[tuple[float, float]] = field(default_factory=list)
+    intervals: list[tuple[float, float]] = field(default_factory=list)
 
 
 def interleaved_latency(sessions: list, feeds: dict | list[dict], *, warmup: int = 5,
@@ -703,6 +710,10 @@ def interleaved_latency(sessions: list, feeds: dict | list[dict], *, warmup: int
     logger.debug("timed %d rounds of %d sessions", rounds, len(runners))
     stats = [LatencyStats(float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)),
                           float(np.mean(t)), rounds) for t in times.T]
-    speedups = [float(np.median(times[:, 0] / np.maximum(times[:, i], 1e-9)))
-                for i in range(len(runners))]
-    return LatencyComparison(stats, speedups)
+    ratios = [np.sort(times[:, 0] / np.maximum(times[:, i], 1e-9)) for i in range(len(runners))]
+    # ranks of the median's 95% interval: the binomial(n, 1/2) quantiles, normal approximation
+    k = max(0, int(np.floor(rounds / 2 - 0.98 * math.sqrt(rounds))))
+    return LatencyComparison(stats, [float(np.median(r)) for r in ratios],
+                             [(float(np.percentile(r, 10)), float(np.percentile(r, 90)))
+                              for r in ratios],
+                             [(float(r[k]), float(r[rounds - 1 - k])) for r in ratios])

@@ -31,7 +31,7 @@ def test_output_as_second_positional_and_quiet(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out.onnx").exists()
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 2 and "fewer MACs" in lines[0] and lines[1].startswith("wrote")
+    assert len(lines) == 2 and "x MACs" in lines[0] and lines[1].startswith("wrote")
     assert proc.stderr == ""
 
 
@@ -61,24 +61,37 @@ def test_a_missed_target_exits_4_and_keeps_the_result(tmp_path):
     assert "\r" not in proc.stderr  # a pipe, not a terminal: no carriage-return bars
 
 
-def test_plain_progress_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys):
+def test_plain_progress_lines_when_stderr_is_not_a_terminal():
     """After a few quiet seconds, one line per phase and per quarter of it."""
-    import time
+    import io
 
-    from onnxlr import cli
+    from onnxlr import console
     clock = iter([0.0] + [10.0] * 100)
-    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
-    monkeypatch.setitem(cli._PLAIN, "start", None)
-    monkeypatch.setitem(cli._PLAIN, "phase", None)
-    monkeypatch.setitem(cli._QUIET, "on", False)
-    cli._progress(0, 8, "timing conv1")       # within the first seconds: nothing
+    out = io.StringIO()
+    view = console.view(False, out)
+    assert isinstance(view, console.Plain)
+    view.clock = lambda: next(clock)
+    view(0, 8, "timing conv1")       # within the first seconds: nothing
     for i in range(8):
-        cli._progress(i, 8, f"timing conv{i}")
-    cli._progress(0, 2, "sensitivity conv1")
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == ["onnxlr: timing conv0 (1/8)", "onnxlr: timing conv2 (3/8)",
-                     "onnxlr: timing conv4 (5/8)", "onnxlr: timing conv6 (7/8)",
-                     "onnxlr: sensitivity conv1 (1/2)"]
+        view(i, 8, f"timing conv{i}")
+    view(0, 2, "sensitivity conv1")
+    for i in range(3):                # a rank rule's build: bare layer names, one phase
+        view(i, 3, f"/block{i}/Conv")
+    assert out.getvalue().strip().splitlines() == [
+        "onnxlr: timing conv0 (1/8)", "onnxlr: timing conv2 (3/8)",
+        "onnxlr: timing conv4 (5/8)", "onnxlr: timing conv6 (7/8)",
+        "onnxlr: sensitivity conv1 (1/2)", "onnxlr: /block0/Conv (1/3)",
+        "onnxlr: /block1/Conv (2/3)", "onnxlr: /block2/Conv (3/3)"]
+    assert console.view(True, out) is None   # -q: no progress at all
+
+
+def test_progress_phases():
+    from onnxlr.console import phase_of
+    assert phase_of("timing /a/Conv") == ("timing", "/a/Conv")
+    assert phase_of("budget: measuring fc1") == ("budget: measuring", "fc1")
+    assert phase_of("calibration samples") == ("calibration samples", "")
+    assert phase_of("/features/features.0/Conv") == ("factorising", "/features/features.0/Conv")
+    assert phase_of("Conv 1") == ("factorising", "Conv 1")     # a layer name with a space
 
 
 def test_reports_get_the_usual_file_mode(tmp_path):

@@ -136,7 +136,7 @@ def test_text_shows_latency_columns_efficiency_and_no_control_characters():
     assert "alone ms" in text and "in-model ms" in text
     assert "2→0.8 (2.50x)" in text          # layer timed alone
     assert "2→0.5 (4.00x)" in text          # inside the model (profile)
-    assert "efficiency" in text and "measured speed-up 1.50x" in text
+    assert "efficiency" in text and "1.50x faster" in text
     assert "budget: target_speedup 2" in text
     assert "\x1b" not in text and "no method\\x1b[31m selected" in text
     assert "act_matmul" not in text          # not a candidate: JSON only
@@ -210,8 +210,9 @@ def test_html_shows_candidates_summary_and_budget():
     scatter = next(s for s in svgs
                    if s.get("aria-label") == "speed-up against error of the candidates")
     dots = [c for c in scatter.iter(f"{SVG}circle") if c.get("class") in ("point", "chosen")]
-    assert len(dots) == 5 and sum(c.get("class") == "chosen" for c in dots) == 2
-    assert "MAC reduction and speed-up" in labels and "time per layer" in labels
+    # outlined: the kept layer's chosen candidate only, not the reverted layer's
+    assert len(dots) == 5 and sum(c.get("class") == "chosen" for c in dots) == 1
+    assert "ideal and measured speed-up" in labels and "time per layer" in labels
     text = "".join(root.itertext())
     assert "1.50×" in text and "efficiency" in text and "target speed-up" in text
     assert "not met" in text and "0.9750" in text          # budget missed, accuracy after
