@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 
-from onnxlr.calib import LABEL, Calibration, capture, load_calibration
+from onnxlr.calib import Calibration, capture, load_calibration
 from onnxlr.linalg.whiten import LayerStats
 from onnxlr.sites import LayerSite, find_site
 
@@ -232,10 +232,7 @@ def calibrate(model: onnx.ModelProto, config: Any, source: Any, *, holdout: bool
     size = _holdout_size(calib, holdout_fraction, holdout_cap)
     if holdout and size:
         calib, rest = calib.split(size)
-        arrays = {k: np.concatenate([b[k] for b in rest]) for k in rest.input_names}
-        labels = rest.labels()
-        if labels is not None:
-            arrays[LABEL] = labels
+        arrays = rest.gather()  # inputs and labels: one read of the files
         folder = tempfile.mkdtemp(prefix="onnxlr-holdout-")
         path = os.path.join(folder, "holdout.npz")
         held = HeldOut(path, f"{rest.num_samples} held-out calibration samples from "

@@ -25,7 +25,8 @@ API (others code against it; add, do not break):
     Iterating yields feed dicts of ``batch_size`` samples (the last may be
     smaller; a model whose batch dim is fixed gets exactly that many and a
     remainder is dropped). ``num_samples``, ``num_batches``, ``input_names``,
-    ``labels()`` (the ``label`` arrays, or None), ``split(n)`` (first samples,
+    ``labels()`` (the ``label`` arrays, or None), ``gather()`` (every sample's inputs and
+    labels in one dict, one read of the files), ``split(n)`` (first samples,
     last ``n`` samples held out), ``head(n)``.
 
 ``capture(model, calibration, tensors, *, provider="cpu", max_positions=None,
@@ -313,6 +314,15 @@ class Calibration:
                 return None
             parts.append(batch[LABEL])
         return np.concatenate(parts) if parts else None
+
+    def gather(self) -> dict[str, np.ndarray]:
+        """Every sample in one dict: each input concatenated, and ``label`` when every
+        file/dict has one; the files are read once (``labels()`` beside the inputs would read
+        them twice)."""
+        batches = list(self._batches(with_labels=True))
+        names = self.input_names + ([LABEL] if batches and all(LABEL in b for b in batches)
+                                    else [])
+        return {k: np.concatenate([b[k] for b in batches]) for k in names}
 
     def _view(self, start: int, stop: int) -> "Calibration":
         return Calibration(self._chunks, self._inputs, self.batch_size, start, stop,

@@ -47,6 +47,23 @@ def test_npz_batches_labels_split(model, rng, tmp_path):
     assert load_calibration(str(path), model, max_samples=10).num_samples == 10
 
 
+def test_gather_reads_inputs_and_labels_in_one_pass(model, rng, tmp_path, monkeypatch):
+    import onnxlr.calib as calib_module
+
+    x = rng.standard_normal((20, 3, 7, 7)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x, label=np.arange(20))
+    np.savez(tmp_path / "d.npz", x=x[:5])  # no labels here: gather returns none
+    _, tail = load_calibration(str(tmp_path / "c.npz"), model, batch_size=8).split(12)
+    reads = []
+    real = calib_module._read_npz
+    monkeypatch.setattr(calib_module, "_read_npz", lambda p: reads.append(p) or real(p))
+    got = tail.gather()
+    assert len(reads) == 1 and set(got) == {"x", "label"}
+    np.testing.assert_array_equal(got["x"], x[8:])
+    np.testing.assert_array_equal(got["label"], np.arange(8, 20))
+    assert set(load_calibration(tmp_path, model).gather()) == {"x"}
+
+
 def test_folder_of_npy_and_npz(model, rng, tmp_path):
     x = rng.standard_normal((9, 3, 7, 7)).astype(np.float64)  # float64 is cast to float32
     np.save(tmp_path / "a_one.npy", x[0])                        # one sample, no sample axis

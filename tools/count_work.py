@@ -88,13 +88,20 @@ def _import_all() -> None:
             importlib.import_module(info.name)
 
 
+#: Where a conversion or a session is made on someone else's behalf: the caller is asked for.
+_PLUMBING = {"onnxlr.graph": None, "onnxlr.runtime": None, "onnxlr.verify": {"session"},
+             "onnxlr.search.run": {"_session"}}
+
+
 def _caller() -> str:
     """``module:function`` of the innermost onnxlr frame outside the plumbing (``onnxlr.graph``,
-    ``onnxlr.runtime``): who asked for the conversion or the session."""
+    ``onnxlr.runtime``, the session helpers): who asked for the conversion or the session."""
     frame = sys._getframe(2)
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
-        if module.startswith("onnxlr") and module not in ("onnxlr.graph", "onnxlr.runtime"):
+        if module.startswith("onnxlr") and not (
+                module in _PLUMBING and (_PLUMBING[module] is None
+                                         or frame.f_code.co_name in _PLUMBING[module])):
             return f"{module}:{frame.f_code.co_name}"
         frame = frame.f_back
     return "?"
