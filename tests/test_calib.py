@@ -48,7 +48,7 @@ def test_npz_batches_labels_split(model, rng, tmp_path):
 
 
 def test_gather_reads_inputs_and_labels_in_one_pass(model, rng, tmp_path, monkeypatch):
-    import onnxlr.calib as calib_module
+    import onnxlr.calib.loading as calib_module
 
     x = rng.standard_normal((20, 3, 7, 7)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x, label=np.arange(20))
