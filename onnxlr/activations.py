@@ -27,6 +27,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from onnxlr.calib import Calibration, capture, load_calibration
 from onnxlr.linalg.whiten import LayerStats
+from onnxlr.records import Declined
 from onnxlr.sites import LayerSite, find_site
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def collect_layer_stats(model: onnx.ModelProto, calibration: Any, *,
         if node.op not in ("Gemm", "MatMul", "Conv") or node.domain:
             continue
         site = find_site(node)
-        if isinstance(site, str) or (select is not None and not select(site)):
+        if isinstance(site, Declined) or (select is not None and not select(site)):
             continue
         why = too_big_for_stats(site)
         if why:  # sized before anything is allocated: no MemoryError, ever
