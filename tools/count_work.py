@@ -24,26 +24,41 @@ repetitions) is not counted: only how often a model is converted, inferred or op
 
 Usage: ``python tools/count_work.py [--json]``.
 
-Measured on the bundled digits CNN (7 candidate layers) on a shared 2-core machine. The
-search's ladders depend on measured speed-ups, so the counts move a little from run to run:
-each cell is the range over three runs.
+Measured on the bundled digits CNN (7 candidate layers) on a shared, loaded 2-core machine.
+The search's ladders and checks depend on measured speed-ups, so the counts move from run
+to run: each cell is the range over three runs before and five after.
 
 ==========================================  =========  =====
 what                                        before     after
 ==========================================  =========  =====
-gs.import_onnx                              74–78
-gs.export_onnx                              137–145
-onnxlr.graph.to_graph                       8–9
-onnxlr.graph.to_model                       5–6
-onnx.shape_inference.infer_shapes           84–88
-onnxruntime.InferenceSession                100–108
-load_calibration (from the file)            2
-calibration file reads (load_npz)           6
+gs.import_onnx                              74–78      12–14
+gs.export_onnx                              137–145    58–65
+onnxlr.graph.to_graph                       8–9        6–8
+onnxlr.graph.to_model                       5–6        3–5
+onnx.shape_inference.infer_shapes           84–88      10
+onnxruntime.InferenceSession                100–108    67–88
+load_calibration (from the file)            2          1
+calibration file reads (load_npz)           6          4
 ==========================================  =========  =====
 
-"before" is main at a0459de; "after" is branch issue11b (its commits say what changed).
-``--by-caller`` shows where they come from: before, ``onnxlr.latency.isolate`` made 66–70 of
-the conversions and shape inferences and ``LayerTimer.trials`` 66 of the sessions.
+"before" is main at a0459de; "after" is branch issue11b. Where the difference comes from
+(``--by-caller``):
+
+- ``onnxlr.latency``: a layer was cut out (export, shape inference, import) once per
+  candidate and once more per ``trials`` call, and a ladder calls ``trials`` twice per
+  layer and method (the cheapest rung first): 66–70 isolations; now once per layer (6),
+  and the layer's baseline session serves both calls. What is left of the exports and the
+  sessions is one per timed candidate (each is a different model).
+- ``onnxlr.graph.to_graph``: every conversion of the prepared model (statistics, ladders,
+  gated graph, builds: 6–8 a run) inferred its shapes again, two passes of onnx's shape
+  inference each (plain, then with data propagation); the prepared model carries them as
+  ``value_info``, so they are inferred only when some tensor lacks a shape.
+- calibration: ``pipeline._fit_batches`` parsed the file a second time (now it is handed
+  the :class:`~onnxlr.calib.Calibration` the statistics came from), and the held-out part was
+  read twice (inputs, then labels; now ``Calibration.gather``, one pass).
+
+Left: 10 shape inferences (prepare 2, ``calib.expose`` 2, one per isolated layer); the
+search's own sessions (its refit, scoring, evaluation: ``onnxlr/search/``, not changed here).
 """
 from __future__ import annotations
 
