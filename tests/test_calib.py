@@ -193,3 +193,24 @@ def test_multi_input_folder_by_input_name(rng, tmp_path):
     with pytest.raises(OnnxlrError, match="stray.npy: a model with several inputs"):
         load_calibration(tmp_path, model)
     assert TensorProto.FLOAT  # the builders above are float32 models
+
+
+def test_expose_infers_shapes_only_when_the_model_lacks_them(model, monkeypatch):
+    """The exposed tensors get their types from the model's value_info when it has them
+    (a model onnxlr exported); shape inference runs only for a model without them."""
+    import onnx
+
+    import onnxlr.graph
+    from onnxlr.calib import expose
+    from onnxlr.graph import infer_shapes
+
+    inferred = []
+    monkeypatch.setattr(onnxlr.graph, "infer_shapes",
+                        lambda m: inferred.append(1) or infer_shapes(m))
+    bare = expose(model, ["r1"])
+    assert len(inferred) == 1
+    out = {o.name: o for o in bare.graph.output}["r1"]
+    assert out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    again = expose(infer_shapes(model), ["r1"])
+    assert len(inferred) == 1  # known already: nothing inferred
+    assert {o.name: o for o in again.graph.output}["r1"] == out

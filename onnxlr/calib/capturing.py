@@ -65,12 +65,20 @@ def expose(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     exposed.CopyFrom(model)
     if not wanted:
         return exposed
-    inferred = infer_shapes(model)
-    known = {v.name: v for v in inferred.graph.value_info}
+    # a model onnxlr exported already carries its inferred shapes: infer only what is missing
+    known = {v.name: v for v in model.graph.value_info if _typed(v)}
+    if any(name not in known for name in wanted):
+        known = {v.name: v for v in infer_shapes(model).graph.value_info}
     for name in wanted:
         vi = known.get(name)
         exposed.graph.output.append(vi if vi is not None else onnx.ValueInfoProto(name=name))
     return exposed
+
+
+def _typed(vi: onnx.ValueInfoProto) -> bool:
+    """A tensor value_info with an element type and a shape."""
+    tt = vi.type.tensor_type
+    return vi.type.HasField("tensor_type") and bool(tt.elem_type) and tt.HasField("shape")
 
 
 def _channel_last(model: onnx.ModelProto) -> set[str]:
