@@ -22,7 +22,7 @@ The names are patched wherever an ``onnxlr`` module bound them (``from x import 
 counts do not depend on how a module imported them. Timing work (the number of timing
 repetitions) is not counted: only how often a model is converted, inferred or opened.
 
-Usage: ``python tools/count_work.py [--json]``.
+Usage: ``python tools/count_work.py [--json] [--by-caller]``.
 
 Measured on the bundled digits CNN (7 candidate layers) on a shared, loaded 2-core machine.
 The search's ladders and checks depend on measured speed-ups, so the counts move from run
@@ -56,7 +56,6 @@ calibration file reads (load_npz)           6          4
 - calibration: ``pipeline._fit_batches`` parsed the file a second time (now it is handed
   the :class:`~onnxlr.calib.Calibration` the statistics came from), and the held-out part was
   read twice (inputs, then labels; now ``Calibration.gather``, one pass).
-
 - ``calib.expose`` inferred the prepared model's shapes again for the tensors it exposes;
   it now takes them from the model's ``value_info`` when every one is there (two runs
   after this last change: 8 shape inferences each; it changes no other row).
