@@ -25,8 +25,9 @@ import numpy as np
 import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 
-from onnxlr.calib import LABEL, Calibration, capture, load_calibration
+from onnxlr.calib import Calibration, capture, load_calibration
 from onnxlr.linalg.whiten import LayerStats
+from onnxlr.records import Declined
 from onnxlr.sites import LayerSite, find_site
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def collect_layer_stats(model: onnx.ModelProto, calibration: Any, *,
         if node.op not in ("Gemm", "MatMul", "Conv") or node.domain:
             continue
         site = find_site(node)
-        if isinstance(site, str) or (select is not None and not select(site)):
+        if isinstance(site, Declined) or (select is not None and not select(site)):
             continue
         why = too_big_for_stats(site)
         if why:  # sized before anything is allocated: no MemoryError, ever
@@ -232,10 +233,7 @@ def calibrate(model: onnx.ModelProto, config: Any, source: Any, *, holdout: bool
     size = _holdout_size(calib, holdout_fraction, holdout_cap)
     if holdout and size:
         calib, rest = calib.split(size)
-        arrays = {k: np.concatenate([b[k] for b in rest]) for k in rest.input_names}
-        labels = rest.labels()
-        if labels is not None:
-            arrays[LABEL] = labels
+        arrays = rest.gather()  # inputs and labels: one read of the files
         folder = tempfile.mkdtemp(prefix="onnxlr-holdout-")
         path = os.path.join(folder, "holdout.npz")
         held = HeldOut(path, f"{rest.num_samples} held-out calibration samples from "

@@ -19,21 +19,18 @@ What is measured:
 - throughput: ``batch / median latency`` in samples per second.
 - params: elements of the float initializers and ``Constant`` node tensors
   (subgraphs included).
-- peak RSS: see :class:`_PeakRSS` for the method and its limits. It is host
+- peak RSS: see :class:`onnxlr.machine.PeakRSS` for the method and its limits. It is host
   memory only; GPU memory is not counted.
+
+This module checks the models and times them; what it found and how that is printed is
+:mod:`onnxlr.bench_result`, the machine and memory probes are :mod:`onnxlr.machine` (all
+re-exported here).
 """
 from __future__ import annotations
 
-import gc
-import json
 import logging
-import math
 import os
-import platform
-import shutil
-import subprocess
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -41,169 +38,19 @@ import numpy as np
 import onnx
 from onnx import external_data_helper
 
-from onnxlr import escape
+from onnxlr.bench_result import NOISY_SPREAD, SCHEMA, BenchResult, ModelBench  # noqa: F401
 from onnxlr.errors import OnnxlrError
 from onnxlr.io import load_model
-from onnxlr.report import human
-from onnxlr.runtime import (LatencyStats, interleaved_latency, make_inputs, make_session,
-                            providers_for, run, session_options)
+from onnxlr.machine import PeakRSS, machine_description  # noqa: F401
+from onnxlr.runtime import (LatencyStats, interleaved_latency, make_inputs,  # noqa: F401
+                            make_session, providers_for, run, session_options)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["BenchResult", "ModelBench", "NOISY_SPREAD", "SCHEMA", "benchmark", "count_params"]
 
-SCHEMA = "onnxlr.bench/1"
-#: p90/p10 above this means the timings were disturbed (busy machine); the text output warns.
-NOISY_SPREAD = 1.5
-
 _FLOAT_TYPES = frozenset(
     v for k, v in onnx.TensorProto.DataType.items() if "FLOAT" in k or k == "DOUBLE")
-
-
-# --- results ------------------------------------------------------------------------------------
-
-@dataclass
-class ModelBench:
-    """One model's figures.
-
-    Attributes:
-        path: the model file as given.
-        params: elements of float initializers and Constant-node tensors.
-        file_bytes: size of the ``.onnx`` file plus its external data files.
-        latency: per-run latency over the timed rounds (ms).
-        speedup: median over rounds of ``t_first / t_this`` (1.0 for the first
-            model; > 1 means faster than the first).
-        throughput: samples per second at the batch used (``batch / median``).
-        peak_rss_mb: growth of the process's peak resident memory while this
-            model's session was created and run once (MiB); ``None`` when the
-            platform gives no way to measure it. See :class:`_PeakRSS`.
-    """
-
-    path: str
-    params: int
-    file_bytes: int
-    latency: LatencyStats
-    speedup: float
-    throughput: float
-    peak_rss_mb: float | None
-
-    @property
-    def spread(self) -> float:
-        """p90 / p10 of the latency (1.0 = perfectly steady; inf when p10 is 0)."""
-        p10, p90 = self.latency.p10_ms, self.latency.p90_ms
-        return p90 / p10 if p10 > 0 else math.inf
-
-    @property
-    def noisy(self) -> bool:
-        """The spread exceeds :data:`NOISY_SPREAD`: the machine was busy during timing."""
-        return self.spread > NOISY_SPREAD
-
-
-@dataclass
-class BenchResult:
-    """All models timed together, with the settings and machine they were timed on."""
-
-    models: list[ModelBench]
-    provider: str
-    threads: int | None
-    batch: int
-    opt_level: str
-    iterations: int      # timed rounds actually done (each round runs every model once)
-    machine: str         # platform, CPU model (and GPU name for GPU providers), onnxruntime version
-    rss_method: str | None = None   # how peak_rss_mb was measured (None: not measured)
-    notes: list[str] = field(default_factory=list)   # advice about the settings (not a problem)
-
-    @property
-    def noisy(self) -> list[ModelBench]:
-        """Models whose p90/p10 spread exceeds :data:`NOISY_SPREAD`."""
-        return [m for m in self.models if m.noisy]
-
-    @property
-    def warnings(self) -> list[str]:
-        """Problems with the figures themselves (today: noisy timings)."""
-        out = []
-        if self.noisy:
-            worst = max(m.spread for m in self.noisy)
-            out.append(f"timings are noisy (p90/p10 up to {worst:.2f} > {NOISY_SPREAD}): the "
-                       f"machine was busy; ratios hold better than absolute times, but rerun on a "
-                       f"quieter machine to confirm")
-        return out
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict with a ``schema`` field (``onnxlr.bench/1``)."""
-        def model(m: ModelBench) -> dict:
-            d = asdict(m)
-            d["latency"] = asdict(m.latency)
-            d["spread"] = m.spread if math.isfinite(m.spread) else None
-            return d
-        return {
-            "schema": SCHEMA,
-            "settings": {"provider": self.provider, "threads": self.threads, "batch": self.batch,
-                         "opt_level": self.opt_level, "iterations": self.iterations},
-            "machine": self.machine,
-            "rss_method": self.rss_method,
-            "models": [model(m) for m in self.models],
-            "warnings": self.warnings,
-            "notes": list(self.notes),
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    HEADER = ["model", "params", "size", "median ms", "p10 ms", "p90 ms", "throughput",
-              "speed-up", "peak RSS"]
-
-    def _rows(self) -> list[list[str]]:
-        return [[m.path, human(m.params), _bytes(m.file_bytes), _ms(m.latency.median_ms),
-                 _ms(m.latency.p10_ms), _ms(m.latency.p90_ms), f"{_rate(m.throughput)}/s",
-                 f"{m.speedup:.2f}x", "-" if m.peak_rss_mb is None else f"+{m.peak_rss_mb:.1f} MB"]
-                for m in self.models]
-
-    def header_lines(self) -> list[str]:
-        threads = "ORT default" if self.threads is None else str(self.threads)
-        return [f"provider {self.provider}, threads {threads}, batch {self.batch}, "
-                f"opt level {self.opt_level}, {self.iterations} interleaved rounds (medians; "
-                f"speed-up = median of per-round ratios vs the first model)",
-                f"machine: {self.machine}"]
-
-    def to_text(self) -> str:
-        rows = [self.HEADER] + [[escape.text(c) for c in row] for row in self._rows()]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(self.HEADER))]
-        table = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                           for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
-        lines = [escape.text(s) for s in self.header_lines()] + [""] + table
-        if self.rss_method:
-            lines += ["", f"peak RSS: {escape.text(self.rss_method)}"]
-        lines += [f"note: {escape.text(n)}" for n in self.notes]
-        lines += [f"warning: {escape.text(w)}" for w in self.warnings]
-        return "\n".join(lines)
-
-    def to_markdown(self) -> str:
-        cell = escape.markdown
-        table = ["| " + " | ".join(self.HEADER) + " |",
-                 "|---|" + "---:|" * (len(self.HEADER) - 1)]
-        table += ["| " + " | ".join(cell(c) for c in row) + " |" for row in self._rows()]
-        notes = [f"- {cell(s)}" for s in self.header_lines()]
-        if self.rss_method:
-            notes.append(f"- peak RSS: {cell(self.rss_method)}")
-        notes += [f"- note: {cell(n)}" for n in self.notes]
-        notes += [f"- **warning**: {cell(w)}" for w in self.warnings]
-        return "\n".join(["### onnxlr bench", ""] + table + [""] + notes) + "\n"
-
-
-def _ms(x: float) -> str:
-    return f"{x:.3g}" if x < 100 else f"{x:.0f}"
-
-
-def _rate(x: float) -> str:
-    return human(x) if x >= 1000 else f"{x:.3g}"
-
-
-def _bytes(n: int) -> str:
-    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n} B"
 
 
 # --- model facts --------------------------------------------------------------------------------
@@ -345,159 +192,6 @@ def _effective_batch(feeds: dict[str, np.ndarray], batch: int) -> int:
     return batch
 
 
-# --- machine --------------------------------------------------------------------------------------
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if (key.strip() in ("model name", "Processor", "cpu model", "Hardware")
-                        and value.strip()):
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def _gpu_name() -> str | None:
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    try:
-        out = subprocess.run([exe, "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    names = [line.strip() for line in out.splitlines() if line.strip()]
-    return ", ".join(dict.fromkeys(names)) or None
-
-
-def machine_description(provider: str = "cpu") -> str:
-    """Platform, CPU model and core count, GPU name (GPU providers), onnxruntime version."""
-    import onnxruntime
-    parts = [platform.platform()]
-    cpu = _cpu_model()
-    parts.append(f"{cpu + ', ' if cpu else ''}{os.cpu_count() or '?'} logical CPUs")
-    if provider.lower() != "cpu":
-        gpu = _gpu_name()
-        if gpu:
-            parts.append(f"GPU {gpu}")
-    parts.append(f"onnxruntime {onnxruntime.__version__}, python {platform.python_version()}")
-    return "; ".join(parts)
-
-
-# --- memory ------------------------------------------------------------------------------------
-
-class _PeakRSS:
-    """Growth of the process's peak resident set size over a stretch of work.
-
-    Methods, best first:
-
-    1. Linux: write ``5`` to ``/proc/self/clear_refs``, which resets the peak
-       (``VmHWM`` in ``/proc/self/status``) to the current RSS; afterwards
-       ``VmHWM - RSS before`` is the peak growth of that stretch alone.
-    2. Elsewhere on Unix: ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, the
-       lifetime peak, which cannot be reset: the growth only shows once the
-       process exceeds its earlier peak, so it is a *lower bound* (a model
-       that needs less than the earlier peak reads 0).
-    3. Windows with psutil: ``peak_wset``, same lower-bound caveat.
-
-    Limits common to all: this is the whole process, so other threads'
-    allocations count too; memory that the allocator already holds (freed by
-    earlier work but not returned to the OS) is reused without raising RSS,
-    so later models can read low, even 0; the first model also pays ORT's
-    one-time set-up; memory-mapped weights count only once touched; GPU
-    memory is not included. Treat it as a rough figure, good for spotting a
-    model that needs far more host memory than another, not for ranking
-    models of similar size.
-    """
-
-    def __init__(self) -> None:
-        self.method: str | None = None
-        if self._clear_refs() and self._status("VmHWM") is not None:
-            self.method = ("VmHWM growth, peak reset per model via /proc/self/clear_refs "
-                           "(session creation + first run; host memory only)")
-            self._kind = "clear_refs"
-        elif self._rusage() is not None:
-            self.method = ("getrusage ru_maxrss growth (session creation + first run; lifetime "
-                           "peak, so a lower bound once an earlier model peaked higher; "
-                           "host memory only)")
-            self._kind = "rusage"
-        elif self._psutil_peak() is not None:
-            self.method = ("psutil peak working set growth (session creation + first run; "
-                           "lifetime peak, so a lower bound; host memory only)")
-            self._kind = "psutil"
-        else:
-            self._kind = None
-        self._start: float | None = None
-
-    @staticmethod
-    def _clear_refs() -> bool:
-        if not sys.platform.startswith("linux"):
-            return False
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
-            return True
-        except OSError:
-            return False
-
-    @staticmethod
-    def _status(key: str) -> float | None:
-        """A ``/proc/self/status`` entry in MiB."""
-        try:
-            with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
-                for line in fh:
-                    if line.startswith(key + ":"):
-                        return int(line.split()[1]) / 1024  # kB
-        except (OSError, ValueError, IndexError):
-            pass
-        return None
-
-    @staticmethod
-    def _rusage() -> float | None:
-        try:
-            import resource
-        except ImportError:
-            return None
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
-
-    @staticmethod
-    def _psutil_peak() -> float | None:
-        try:
-            import psutil
-            info = psutil.Process().memory_info()
-        except Exception:  # not installed, or no access
-            return None
-        peak = getattr(info, "peak_wset", None)
-        return None if peak is None else peak / (1 << 20)
-
-    def start(self) -> None:
-        gc.collect()
-        if self._kind == "clear_refs":
-            self._clear_refs()
-            self._start = self._status("VmRSS")
-        elif self._kind == "rusage":
-            self._start = self._rusage()
-        elif self._kind == "psutil":
-            self._start = self._psutil_peak()
-
-    def stop(self) -> float | None:
-        """Peak growth in MiB since :meth:`start` (never negative), or None."""
-        if self._start is None:
-            return None
-        if self._kind == "clear_refs":
-            end = self._status("VmHWM")
-        elif self._kind == "rusage":
-            end = self._rusage()
-        else:
-            end = self._psutil_peak()
-        start, self._start = self._start, None
-        return None if end is None else max(0.0, end - start)
-
-
 # --- the benchmark -----------------------------------------------------------------------------
 
 def benchmark(paths: list[str], *, provider: str = "cpu", threads: int | None = None,
@@ -554,7 +248,7 @@ def benchmark(paths: list[str], *, provider: str = "cpu", threads: int | None = 
         del model  # sessions load from the path: keep no copy of the weights in Python
     used_batch = _effective_batch(feeds, batch)
 
-    meter = _PeakRSS()
+    meter = PeakRSS()
     sessions, peaks = [], []
     for path in paths:
         meter.start()

@@ -23,7 +23,7 @@ from onnxlr.errors import OnnxlrError
 from onnxlr.latency import LayerTimer, Trial, layer_nodes_and_inputs
 from onnxlr.methods import METHODS
 from onnxlr.graph import to_graph
-from onnxlr.records import LayerRecord
+from onnxlr.records import Declined, LayerRecord
 from onnxlr.sites import find_site
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def selected_layers(build) -> list[LayerRecord]:
         if node.op not in CANDIDATE_OPS or node.domain:
             continue
         site = find_site(node, graph)
-        if isinstance(site, str) or config.selected(node.name):
+        if isinstance(site, Declined) or config.selected(node.name):
             continue
         method = config.methods.get(site.kind)
         if method:

@@ -117,8 +117,18 @@ def _apply_shapes(graph: gs.Graph, inferred: onnx.ModelProto) -> None:
             tensor.shape = get_onnx_tensor_shape(info)
 
 
+def _shapes_known(graph: gs.Graph) -> bool:
+    """Whether every variable already has a dtype and a shape, so that :func:`_apply_shapes`
+    would change nothing: a model this module exported (the prepared model, converted again
+    by every later step) carries its inferred shapes as ``value_info``, and inferring them
+    again cost two full passes of onnx's shape inference per conversion."""
+    return all(t.dtype is not None and t.shape is not None
+               for name, t in graph.tensors().items() if name and isinstance(t, gs.Variable))
+
+
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    """Import into onnx-graphsurgeon, with shapes inferred where possible.
+    """Import into onnx-graphsurgeon, with shapes inferred where possible (and not already
+    known from the model's ``value_info``).
 
     The model is checked first (tensor sizes against their data, dangling
     inputs, cycles: :mod:`onnxlr.validate`), so that an in-memory model gets
@@ -138,9 +148,10 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
         raise OnnxlrError(f"cannot read the graph: {text[0] if text else type(exc).__name__}") \
             from None
     _densify_sparse(graph)
-    inferred = _inferred(model)
-    if inferred is not None:
-        _apply_shapes(graph, inferred)
+    if not _shapes_known(graph):
+        inferred = _inferred(model)
+        if inferred is not None:
+            _apply_shapes(graph, inferred)
     if model.ir_version >= 4:
         tensors = graph.tensors()
         names = [v.name for v in model.graph.input]

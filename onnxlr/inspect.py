@@ -16,6 +16,7 @@ from onnxlr.methods import METHODS, parse_method
 from onnxlr.passes.prepare import prepare
 from onnxlr.rank import parse_rank
 from onnxlr.report import human
+from onnxlr.records import Declined
 from onnxlr.sites import QUANTIZED_OPS, find_site, nested_layer_records
 
 RULES = ("vbmf", "energy:0.95", "0.25")
@@ -49,8 +50,8 @@ def inspect_model(model: onnx.ModelProto, method: str = "auto", rules=RULES,
         if node.op not in ("Gemm", "MatMul", "Conv") + QUANTIZED_OPS or node.domain:
             continue
         site = find_site(node, graph)
-        if isinstance(site, str):
-            views.append(LayerView(node.name, node.op, None, (), reason=site))
+        if isinstance(site, Declined):
+            views.append(LayerView(node.name, node.op, None, (), reason=site.reason))
             continue
         view = LayerView(node.name, node.op, site.kind, tuple(site.weight.shape), site.params,
                          site.macs, plan.get(site.kind))

@@ -194,6 +194,16 @@ def _key(node: gs.Node, feeds: dict[str, np.ndarray], method: str, ranks, provid
 
 
 @dataclass
+class _Isolated:
+    """One layer cut out (:func:`isolate`), and its baseline session once one is needed."""
+
+    graph: gs.Graph
+    feeds: dict[str, np.ndarray]
+    session: object = None
+    reference: dict[str, np.ndarray] | None = None
+
+
+@dataclass
 class LayerTimer:
     """Builds and times candidates for single layers; shares the factor and timing caches."""
 
@@ -206,41 +216,56 @@ class LayerTimer:
     threads: int | None = None
     seconds_per_pair: float = 1.0
 
+    #: The last layer isolated, with the node and the arrays it was captured on (held, so
+    #: that their ids in the key stay theirs). A search asks for a layer's cheapest rung first and for its
+    #: other rungs next: the second call reuses the one-node graph and the baseline session.
+    _last: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
     def trials(self, node: gs.Node, values: dict[str, np.ndarray], method: str,
                candidates: list[tuple[int, ...]]) -> list[Trial]:
         """Each candidate ranks built and timed against the original, on the captured input."""
-        graph, feeds = isolate(node, values, self.opsets, self.ir_version)
-        original = _export(graph)
-        base_session = None
-        reference = None
+        alone = self._isolate(node, values)
         out = []
         for ranks in dict.fromkeys(tuple(int(r) for r in c) for c in candidates):
             trial = Trial(ranks)
-            built, record = self._factorised(node, values, ranks, method)
+            built, record = self._factorised(node, alone.graph, ranks, method)
             if record.status != FACTORISED:
                 trial.reason = record.reason
                 out.append(trial)
                 continue
             trial.macs, trial.weight_error = record.macs_after, record.weight_error
             trial.macs_before = record.macs_before
-            if base_session is None:
-                base_session = runtime.make_session(original, provider=self.provider,
-                                                    threads=self.threads)
-                reference = runtime.run(base_session, feeds)
+            if alone.session is None:
+                alone.session = runtime.make_session(_export(alone.graph), provider=self.provider,
+                                                     threads=self.threads)
+                alone.reference = runtime.run(alone.session, alone.feeds)
             session = runtime.make_session(built, provider=self.provider, threads=self.threads)
-            got = runtime.run(session, feeds)
-            trial.local_error = runtime.compare_outputs(reference, got).worst_rel_l2
-            key = _key(node, feeds, method, ranks, self.provider, self.threads)
+            got = runtime.run(session, alone.feeds)
+            trial.local_error = runtime.compare_outputs(alone.reference, got).worst_rel_l2
+            key = _key(node, alone.feeds, method, ranks, self.provider, self.threads)
             cached = self.timing_cache.get(key)
             if cached is None:
-                cached = self._time(base_session, session, feeds)
+                cached = self._time(alone.session, session, alone.feeds)
                 self.timing_cache.put(key, cached)
             trial.ms_before, trial.ms_after = cached[0], cached[1]
             out.append(trial)
         return out
 
-    def _factorised(self, node: gs.Node, values, ranks, method: str | None = None):
-        graph, _ = isolate(node, values, self.opsets, self.ir_version)
+    def _isolate(self, node: gs.Node, values: dict[str, np.ndarray]) -> _Isolated:
+        """The layer alone; the last call's when it was for the same layer on the same arrays."""
+        held = [node, *(values[t.name] for t in layer_inputs(node))]
+        key = tuple(id(x) for x in held)
+        if self._last is not None and self._last[0] == key:
+            return self._last[2]
+        graph, feeds = isolate(node, values, self.opsets, self.ir_version)
+        self._last = (key, held, _Isolated(graph, feeds))
+        return self._last[2]
+
+    def _factorised(self, node: gs.Node, isolated: gs.Graph, ranks, method: str | None = None):
+        """The isolated layer factorised at ``ranks`` (on a copy: the isolated graph is kept
+        for the next candidate), as a model, or None; and its record."""
+        graph = isolated.copy()
+        graph._onnxlr_ir_version = isolated._onnxlr_ir_version  # noqa: SLF001 (see isolate)
         config = copy.copy(self.config)
         config.include, config.exclude, config.layer_ranks = [node.name], [], []
         config.forced_ranks, config.rank_scale = {node.name: ranks}, {}

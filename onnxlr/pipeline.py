@@ -195,6 +195,8 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
         target_flops, budgeted = None, False  # a MAC target is the pass's own (one keep fraction)
     elif calib is not None:  # data-aware: layer input statistics before the first build
         from onnxlr.activations import calibrate
+        from onnxlr.calib import load_calibration
+        calib = load_calibration(calib, build.prepared, max_samples=calib_samples)  # read once
         heldout = calibrate(build.prepared, config, calib, holdout=verify and inputs is None,
                             max_samples=calib_samples, seed=seed, provider=provider,
                             progress=progress,

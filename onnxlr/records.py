@@ -11,6 +11,21 @@ DECLINED = "declined"
 REVERTED = "reverted"
 
 
+class Declined(str):
+    """Why a layer is not a candidate: the reason, as a person reads it.
+
+    A ``str`` subclass on purpose: the rooms that still tell a decline by
+    ``isinstance(x, str)`` (``search/``, ``passes/prune.py``) keep working while the others
+    ask ``isinstance(x, Declined)``; the reason goes into ``LayerRecord.reason`` unchanged.
+    """
+
+    __slots__ = ()
+
+    @property
+    def reason(self) -> str:
+        return str(self)
+
+
 @dataclass
 class LayerRecord:
     """One candidate layer (a Gemm, MatMul or Conv with a constant weight)."""

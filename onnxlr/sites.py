@@ -13,6 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxlr.graph import constant_value, static_shape
+from onnxlr.records import Declined
 
 FLOAT_KINDS = ("f",)
 #: Float types numpy knows only through ml_dtypes (``dtype.kind`` is 'V'): decomposed in float64.
@@ -121,8 +122,8 @@ def is_quantized(node: gs.Node) -> bool:
     return False
 
 
-def find_site(node: gs.Node, graph: gs.Graph | None = None) -> LayerSite | str:
-    """Match one node: a :class:`LayerSite`, or the reason it cannot be factorised.
+def find_site(node: gs.Node, graph: gs.Graph | None = None) -> LayerSite | Declined:
+    """Match one node: a :class:`LayerSite`, or why it cannot be factorised (:class:`Declined`).
 
     Args:
         node: the node.
@@ -130,6 +131,11 @@ def find_site(node: gs.Node, graph: gs.Graph | None = None) -> LayerSite | str:
             value the user may feed at run time) is then left alone, and so is a
             Gemm before opset 11 (whose C input is mandatory).
     """
+    site = _match(node, graph)
+    return site if isinstance(site, LayerSite) else Declined(site)
+
+
+def _match(node: gs.Node, graph: gs.Graph | None) -> LayerSite | str:
     if node.op in QUANTIZED_OPS:
         return f"quantized layer ({node.op}): its integer weights and scales are left alone"
     if node.op not in ("Gemm", "MatMul", "Conv"):

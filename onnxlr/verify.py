@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 
 from onnxlr import runtime, validate
+from onnxlr.runtime import check_reference
 from onnxlr.errors import OnnxlrError
-from onnxlr.search.metrics import check_reference
 
 logger = logging.getLogger(__name__)
 

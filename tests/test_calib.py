@@ -47,6 +47,23 @@ def test_npz_batches_labels_split(model, rng, tmp_path):
     assert load_calibration(str(path), model, max_samples=10).num_samples == 10
 
 
+def test_gather_reads_inputs_and_labels_in_one_pass(model, rng, tmp_path, monkeypatch):
+    import onnxlr.calib.loading as calib_module
+
+    x = rng.standard_normal((20, 3, 7, 7)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x, label=np.arange(20))
+    np.savez(tmp_path / "d.npz", x=x[:5])  # no labels here: gather returns none
+    _, tail = load_calibration(str(tmp_path / "c.npz"), model, batch_size=8).split(12)
+    reads = []
+    real = calib_module._read_npz
+    monkeypatch.setattr(calib_module, "_read_npz", lambda p: reads.append(p) or real(p))
+    got = tail.gather()
+    assert len(reads) == 1 and set(got) == {"x", "label"}
+    np.testing.assert_array_equal(got["x"], x[8:])
+    np.testing.assert_array_equal(got["label"], np.arange(8, 20))
+    assert set(load_calibration(tmp_path, model).gather()) == {"x"}
+
+
 def test_folder_of_npy_and_npz(model, rng, tmp_path):
     x = rng.standard_normal((9, 3, 7, 7)).astype(np.float64)  # float64 is cast to float32
     np.save(tmp_path / "a_one.npy", x[0])                        # one sample, no sample axis
@@ -176,3 +193,24 @@ def test_multi_input_folder_by_input_name(rng, tmp_path):
     with pytest.raises(OnnxlrError, match="stray.npy: a model with several inputs"):
         load_calibration(tmp_path, model)
     assert TensorProto.FLOAT  # the builders above are float32 models
+
+
+def test_expose_infers_shapes_only_when_the_model_lacks_them(model, monkeypatch):
+    """The exposed tensors get their types from the model's value_info when it has them
+    (a model onnxlr exported); shape inference runs only for a model without them."""
+    import onnx
+
+    import onnxlr.graph
+    from onnxlr.calib import expose
+    from onnxlr.graph import infer_shapes
+
+    inferred = []
+    monkeypatch.setattr(onnxlr.graph, "infer_shapes",
+                        lambda m: inferred.append(1) or infer_shapes(m))
+    bare = expose(model, ["r1"])
+    assert len(inferred) == 1
+    out = {o.name: o for o in bare.graph.output}["r1"]
+    assert out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    again = expose(infer_shapes(model), ["r1"])
+    assert len(inferred) == 1  # known already: nothing inferred
+    assert {o.name: o for o in again.graph.output}["r1"] == out

@@ -5,14 +5,15 @@ import pytest
 
 from conftest import ort_run, tiny_cnn
 from onnxlr import runtime
+from onnxlr.runtime import sessions
 from onnxlr.pipeline import prepare
 
 
 @pytest.mark.parametrize("threshold", [0, 1 << 40])
 def test_a_session_from_memory_computes_what_the_serialised_one_does(monkeypatch, threshold, rng):
     model = prepare(tiny_cnn())
-    monkeypatch.setattr(runtime, "IN_MEMORY_BYTES", threshold)
-    monkeypatch.setattr(runtime, "IN_MEMORY_TENSOR", 64)
+    monkeypatch.setattr(sessions, "IN_MEMORY_BYTES", threshold)
+    monkeypatch.setattr(sessions, "IN_MEMORY_TENSOR", 64)
     session = runtime.make_session(model)
     x = {"input": rng.standard_normal((3, 3, 8, 8)).astype(np.float32)}
     got = runtime.run(session, x)

@@ -89,6 +89,30 @@ def test_trials_measure_error_on_the_captured_input(rng):
     assert low.macs < exact.macs
 
 
+def test_a_layer_is_isolated_once_for_all_its_candidates(rng, monkeypatch):
+    """The one-node graph and the baseline session serve every candidate, and the next call
+    for the same layer on the same arrays; other arrays isolate it anew."""
+    import onnxlr.latency as latency
+    from onnxlr import runtime
+
+    w = _low_rank_conv(rng)
+    model = conv_model(w, x_shape=(1, 16, 12, 12), pads=[1, 1, 1, 1])
+    node = to_graph(model).nodes[0]
+    x = rng.standard_normal((1, 16, 12, 12)).astype(np.float32)
+    isolated, sessions = [], []
+    real_isolate, real_session = latency.isolate, runtime.make_session
+    monkeypatch.setattr(latency, "isolate", lambda *a: isolated.append(1) or real_isolate(*a))
+    monkeypatch.setattr(runtime, "make_session",
+                        lambda *a, **k: sessions.append(1) or real_session(*a, **k))
+    timer = _timer(model)
+    cheapest = timer.trials(node, {"x": x}, "tucker", [(2, 3)])
+    rest = timer.trials(node, {"x": x}, "tucker", [(4, 6), (3, 4)])
+    assert len(isolated) == 1 and len(sessions) == 1 + 3  # one baseline, one per candidate
+    assert rest[0].local_error < 1e-5 < cheapest[0].local_error  # each on its own ranks
+    fresh = timer.trials(node, {"x": x.copy()}, "tucker", [(4, 6)])
+    assert len(isolated) == 2 and fresh[0].local_error < 1e-5
+
+
 def test_timings_are_cached_on_disk(rng, tmp_path, monkeypatch):
     w = _low_rank_conv(rng)
     model = conv_model(w, x_shape=(1, 16, 12, 12), pads=[1, 1, 1, 1])

@@ -204,3 +204,18 @@ def test_fp16_weights_written_back_in_fp16(rng):
     assert {i.data_type for i in out.graph.initializer} == {onnx.TensorProto.FLOAT16}
     x = rng.standard_normal((1, 6, 7, 7)).astype(np.float16)
     close(ort_run(out, {"x": x})[0].astype(np.float64), ort_run(model, {"x": x})[0].astype(np.float64), 5e-3)
+
+
+def test_find_site_declines_with_a_typed_reason(rng):
+    """A node that is no candidate comes back as a Declined (a str, so the rooms still testing
+    ``isinstance(site, str)`` see it too) carrying the reason; a candidate as a LayerSite."""
+    from onnxlr.records import Declined
+    from onnxlr.sites import LayerSite
+
+    w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    grouped = to_graph(conv_model(w, x_shape=(1, 4, 9, 9), group=2))
+    declined = find_site(grouped.nodes[0], grouped)
+    assert isinstance(declined, Declined) and isinstance(declined, str)
+    assert declined.reason == "grouped convolution (group=2) is not factorised"
+    plain = to_graph(conv_model(w[:, :1].repeat(4, axis=1)))
+    assert isinstance(find_site(plain.nodes[0], plain), LayerSite)

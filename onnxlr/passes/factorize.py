@@ -21,7 +21,7 @@ from onnxlr.methods import METHODS, Factors, Method
 from onnxlr.methods.base import overflow_reason
 from onnxlr.passes.base import Pass, PassResult
 from onnxlr.rank import RankSelector
-from onnxlr.records import DECLINED, FACTORISED, LayerRecord
+from onnxlr.records import DECLINED, FACTORISED, Declined, LayerRecord
 from onnxlr.sites import QUANTIZED_OPS, LayerSite, find_site, is_quantized, nested_layer_records
 
 logger = logging.getLogger(__name__)
@@ -121,8 +121,8 @@ class Factorize(Pass):
     def _one(self, graph: gs.Graph, node: gs.Node, names: NameScope) -> LayerRecord:
         record = LayerRecord(name=node.name, op=node.op)
         site = find_site(node, graph)
-        if isinstance(site, str):
-            record.reason = site
+        if isinstance(site, Declined):
+            record.reason = site.reason
             if is_quantized(node):
                 record.extra["quantized"] = True  # listed in every report, not only JSON
             return record
