@@ -141,7 +141,7 @@ def _pad_model(channel_pads: bool):
 def test_a_chain_passes_a_pad_that_pads_no_channels(rng):
     """Dropping channels through a spatial Pad is the original with those channels' consumer
     weights zeroed (an independent graph)."""
-    from onnxlr.passes.prune import chain_into, consumer_weight
+    from onnxlr.passes.channel_chains import chain_into, consumer_weight
     from onnxlr.search.pruning import PruneFit, channel_axis
     model = prepare(_pad_model(False))
     graph = to_graph(model)
@@ -188,7 +188,7 @@ def _conv1d_transpose_model():
 
 def test_a_chain_passes_a_transpose_to_channel_last(rng):
     from onnx import numpy_helper
-    from onnxlr.passes.prune import chain_into, consumer_weight
+    from onnxlr.passes.channel_chains import chain_into, consumer_weight
     from onnxlr.search.pruning import PruneFit, channel_axis
     model = prepare(_conv1d_transpose_model())
     graph = to_graph(model)
@@ -218,7 +218,7 @@ def test_one_lasso_path_fits_every_count_about_as_well_as_a_bisected_one(pruned_
     error is close to He et al.'s exact-count selection and never worse than keeping the
     first k channels."""
     from onnxlr.linalg.channel_select import refit as ls_refit
-    from onnxlr.passes.prune import consumer_weight
+    from onnxlr.passes.channel_chains import consumer_weight
     from onnxlr.search.pruning import fits_for
     prepared, chains, _ = pruned_setup
     graph = to_graph(prepared)

@@ -1,7 +1,7 @@
 """Channel pruning as search candidates, in the same ladders as the factorisations.
 
 A layer whose input comes from one other layer through per-channel ops (a *channel chain*,
-:mod:`onnxlr.passes.prune`: Relu, BatchNorm, pools, GELU as Erf/Mul/Add, a bias Add, a
+:mod:`onnxlr.passes.channel_chains`: Relu, BatchNorm, pools, GELU as Erf/Mul/Add, a bias Add, a
 Flatten into a Gemm, …) can keep fewer of its input channels: the producer stops computing
 the others, the consumer's weights are refit by least squares on what is left (He et al.,
 ICCV 2017; for a transformer's FFN, MatMul → bias → GELU → MatMul, this is Kwon et al.
@@ -41,8 +41,9 @@ from onnxlr import runtime
 from onnxlr.graph import NameScope, to_graph
 from onnxlr.linalg.channel_select import (PatchStats, contribution_gram, dependent_channels,
                                           lasso_gram, refit, select_channels)
-from onnxlr.passes.prune import (MAX_FEATURES, ChannelChain, _set_consumer, chain_into,
-                                 consumer_weight, rewrite)
+from onnxlr.passes.channel_chains import (ChannelChain, _set_consumer, chain_into,
+                                          consumer_weight, rewrite)
+from onnxlr.passes.prune import MAX_FEATURES
 from onnxlr.rank import round_rank
 from onnxlr.sites import find_site
 
