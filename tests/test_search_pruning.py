@@ -97,8 +97,8 @@ def test_a_prune_rung_never_meets_a_low_rank_producer():
 
 
 def test_keep_counts_are_rounded_and_below_the_channels():
-    assert keep_counts(256) == [192, 128, 96, 64]
-    assert keep_counts(10) == [8, 5, 4, 3]
+    assert keep_counts(256) == [192, 128, 96]
+    assert keep_counts(10) == [8, 5, 4]
     assert all(0 < k < 12 for k in keep_counts(12))
 
 

@@ -50,8 +50,11 @@ from onnxlr.sites import find_site
 logger = logging.getLogger(__name__)
 
 PRUNE = "prune"
-#: Fractions of a consumer's input channels a prune rung keeps, most first.
-KEEP_LEVELS = (0.75, 0.5, 0.375, 0.25)
+#: Fractions of a consumer's input channels a prune rung keeps, most first. Not 1/4: on the
+#: digits CNN, rungs keeping a quarter passed the 256 held-out (training) samples without a
+#: flip and lost 1.1-1.8 points on the test digits in three runs out of three; with 3/8 as
+#: the floor, three runs lost 0.9 each.
+KEEP_LEVELS = (0.75, 0.5, 0.375)
 #: Calibration rows (positions) each consumer's statistics see.
 MAX_ROWS = 8192
 #: Memory for all candidates' statistics captured in one run (F² float64 each).
