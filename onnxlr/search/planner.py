@@ -128,6 +128,7 @@ class Planner:
         self.reference, self.feeds, self.labels = reference, feeds, labels
         self.baseline = metric.score(reference, reference, labels)
         self.progress = progress
+        self.expected_checks = 1
         self.checks: list[dict] = []
 
     def sensitivities(self, samples: int) -> None:
@@ -147,6 +148,9 @@ class Planner:
 
     def drop_of(self, assignment: dict[str, int]) -> float:
         """The assignment's drop bound (:func:`onnxlr.search.metrics.drop_bound`)."""
+        if self.progress:   # bisection plus repair: about log2(steps) + REPAIR_CHECKS checks
+            self.progress(len(self.checks), max(self.expected_checks, len(self.checks) + 1),
+                          f"end-to-end check of {len(assignment)} layers")
         out = self.gated.run(assignment, self.feeds)
         drop = self.baseline - self.metric.score(self.reference, out, self.labels)
         bound = drop_bound(self.metric, self.reference, out, self.labels)
@@ -208,6 +212,7 @@ def choose(planner: Planner, steps: list[Step], *, model_ms: float, macs_total: 
     """The assignment for the objective: the fastest within the bound, or the smallest
     change that meets a target (if the bound allows it)."""
     t0 = time.perf_counter()
+    planner.expected_checks = math.ceil(math.log2(len(steps) + 1)) + 1 + REPAIR_CHECKS
     best_t = planner.longest_feasible(steps)
     objective, target_t = "fastest within --max-drop", None
     if target_speedup is not None or target_flops is not None:

@@ -122,6 +122,7 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
                 chosen.account["check_seconds"])
     judge = _Judge(build, ladders, empty, allowed, metric, reference, labels, verifier,
                    _head(fit_batches, REFIT_SAMPLES), fits)
+    judge.progress = progress
     built = judge(chosen.assignment)
     refit = None
     if fit_batches and steps:
@@ -211,6 +212,7 @@ class _Judge:
         self.build, self.ladders, self.empty, self.allowed = build, ladders, empty, allowed
         self.fits = fits or {}
         self.bounds: dict[int, float] = {}   # drop bound by id(outputs)
+        self.progress = None
         self.metric, self.reference, self.labels = metric, reference, labels
         self.verifier, self.fit_batches = verifier, fit_batches
         self.baseline = metric.score(reference, reference, labels)
@@ -231,6 +233,9 @@ class _Judge:
             return plain
         from onnxlr.search.refit import refit_sequentially
         self.refit_checks += 1
+        if self.progress:
+            self.progress(self.refit_checks - 1, self.refit_checks, "refit on the compressed "
+                          f"model ({len(assignment)} layers)")
         pruned = {k for k, j in assignment.items() if _rung(self.ladders, k, j).scope == "chain"}
         refitted, done = refit_sequentially(self.build.prepared, model, list(assignment),
                                             self.fit_batches, provider=self.verifier.provider,
