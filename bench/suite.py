@@ -200,6 +200,7 @@ def one_setting(task, label: str, kwargs: dict, ctx: dict, args) -> dict:
                        "optimised": [cand.p10_ms, cand.median_ms, cand.p90_ms],
                        "rounds": base.iterations},
         "ranks": {r.name: list(r.ranks) for r in report.records if r.factorised and r.ranks},
+        "methods": {r.name: r.method for r in report.records if r.factorised},
     })
     if report.search:  # what the search saw: enough to tell why it chose what it chose
         keep = ("metric", "max_drop", "score_before", "score_after", "drop", "inputs",

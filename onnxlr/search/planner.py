@@ -200,7 +200,9 @@ def predicted_speedup(ladders: list[Ladder], saved_ms: float, model_ms: float) -
     """Whole-model speed-up from layer timings alone. Layers alone take longer than inside
     the model (no fused activations, cold caches), so the saving is taken as a share of the
     layers' own time and that share of the model's time (at most 95% of it)."""
-    layers_ms = sum(lad.ms_before for lad in ladders)
+    # a prune rung's saving is on its whole chain's time (producer and ops between included)
+    layers_ms = sum(max([lad.ms_before] + [r.ms_before for r in lad.rungs if r.scope == "chain"])
+                    for lad in ladders)
     if not model_ms or not layers_ms:
         return None
     share = min(0.95, layers_ms / model_ms)
