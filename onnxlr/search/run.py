@@ -31,13 +31,13 @@ logger = logging.getLogger(__name__)
 
 #: The refit's further bisection stops once it has taken this long (each check is a build,
 #: a refit of every changed layer and a run; on a 60-layer detector, ~20 s each).
-REFIT_SECONDS = 60.0
+REFIT_SECONDS = 40.0
 #: Default batch the layers and the whole model are timed at (at most the inputs' batch).
 TIMING_BATCH = 64
 #: Samples the per-rung sensitivity is scored on (the end-to-end checks use all) ...
 SENSITIVITY_SAMPLES = 128
 #: ... fewer (at least 8) when scoring every rung on that many would take longer than this.
-SENSITIVITY_SECONDS = 90.0
+SENSITIVITY_SECONDS = 60.0
 #: The sequential refit sees at most this many of the fitting samples (each refitted layer
 #: costs a run of both models on them); the prune rungs' statistics see them all.
 REFIT_SAMPLES = 64
