@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from onnxlr.errors import OnnxlrError
-from onnxlr.runtime import class_rows
+from onnxlr.runtime import check_reference, class_rows  # noqa: F401 (re-exported)
 
 Outputs = dict[str, np.ndarray]
 
@@ -275,16 +275,3 @@ def check_max_drop(value: float | None) -> None:
     if value is not None and not (math.isfinite(value) and 0 <= value < 1e6):
         raise OnnxlrError(f"invalid --max-drop {value}: must be a finite number >= 0")
 
-
-def check_reference(reference: Outputs) -> None:
-    """A check that sees no finite, non-empty output checks nothing: refuse it loudly."""
-    if not reference:
-        raise OnnxlrError("the original model produced no outputs on the verification inputs")
-    for name, value in reference.items():
-        value = np.asarray(value)
-        if value.size == 0:
-            raise OnnxlrError(f"output {name!r} of the original is empty on the verification "
-                              f"inputs (batch 0?): nothing could be checked")
-        if value.dtype.kind == "f" and not np.any(np.isfinite(value)):
-            raise OnnxlrError(f"output {name!r} of the original has no finite value on the "
-                              f"verification inputs (NaN inputs?): nothing could be checked")
