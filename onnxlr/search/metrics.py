@@ -76,7 +76,8 @@ RESAMPLES = 64
 
 
 def drop_bound(metric: Metric, reference: Outputs, candidate: Outputs, labels=None, *,
-               confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = 0) -> float:
+               confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = 0,
+               drop: float | None = None) -> float:
     """The drop at ``confidence`` by a paired bootstrap over the samples: what the search
     compares with ``max_drop``.
 
@@ -86,11 +87,11 @@ def drop_bound(metric: Metric, reference: Outputs, candidate: Outputs, labels=No
     held-out samples and lost 2.7 points on the 450 test images. Resampling the samples
     (the same resamples for the original and the candidate) bounds the drop by what the
     sample size can tell. Outputs without one shared leading (sample) axis get the plain
-    drop.
+    drop. ``drop``: the plain drop when the caller has it already (it is not recomputed).
     """
     sizes = {np.asarray(v).shape[0] for v in [*reference.values(), *candidate.values()]
              if np.asarray(v).ndim >= 1}
-    plain = metric.drop(reference, candidate, labels)
+    plain = metric.drop(reference, candidate, labels) if drop is None else drop
     if len(sizes) != 1 or labels is not None and len(labels) not in sizes:
         return plain
     n = sizes.pop()

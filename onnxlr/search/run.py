@@ -159,7 +159,7 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
         "seconds": {"ladders": t_ladders, "gated_graph": t_gate, "sensitivity": t_sens,
                     "total": time.perf_counter() - t0},
     }
-    account["drop_bound"] = judge.bound(built)
+    account["drop_bound"] = built.bound
     account["confidence"] = CONFIDENCE
     account["met_bound"] = account["drop_bound"] <= allowed + 1e-12
     if latency is not None and latency["speedup"] < 1.0:
@@ -199,6 +199,7 @@ class _Built:
     outputs: dict
     score: float
     distortion: float
+    bound: float    # the drop's bound (metrics.drop_bound): what max_drop is compared with
     refit: dict = field(default_factory=dict)
 
 
@@ -211,7 +212,6 @@ class _Judge:
                  fit_batches, fits=None):
         self.build, self.ladders, self.empty, self.allowed = build, ladders, empty, allowed
         self.fits = fits or {}
-        self.bounds: dict[int, float] = {}   # drop bound by id(outputs)
         self.progress = None
         self.metric, self.reference, self.labels = metric, reference, labels
         self.verifier, self.fit_batches = verifier, fit_batches
@@ -219,16 +219,18 @@ class _Judge:
         self.refit_checks = 0
 
     def _score(self, model):
+        """(outputs, score, output error, drop bound) of a model on the held-out inputs."""
         out = runtime.run(_session(model, self.verifier.provider), self.verifier.feeds)
-        self.bounds[id(out)] = drop_bound(self.metric, self.reference, out, self.labels)
-        return out, self.metric.score(self.reference, out, self.labels), \
-            runtime.compare_outputs(self.reference, out).worst_rel_l2
+        score = self.metric.score(self.reference, out, self.labels)
+        bound = drop_bound(self.metric, self.reference, out, self.labels,
+                           drop=self.baseline - score)
+        return out, score, runtime.compare_outputs(self.reference, out).worst_rel_l2, bound
 
     def __call__(self, assignment: dict, refit: bool = True) -> _Built:
         model, records = _build(self.build, self.ladders, self.empty, assignment, self.allowed,
                                 self.fits)
-        out, score, dist = self._score(model)
-        plain = _Built(dict(assignment), model, records, out, score, dist)
+        out, score, dist, bound = self._score(model)
+        plain = _Built(dict(assignment), model, records, out, score, dist, bound)
         if not (refit and self.fit_batches and assignment):
             return plain
         from onnxlr.search.refit import refit_sequentially
@@ -240,25 +242,22 @@ class _Judge:
         refitted, done = refit_sequentially(self.build.prepared, model, list(assignment),
                                             self.fit_batches, provider=self.verifier.provider,
                                             pruned=pruned)
-        out2, score2, dist2 = self._score(refitted)
+        out2, score2, dist2, bound2 = self._score(refitted)
         info = {"layers": len(done), "score_without": score, "score_with": score2,
                 "output_error_without": dist, "output_error_with": dist2,
                 "layer_errors": {r.layer: [r.before, r.after] for r in done}}
-        ok = self.bounds[id(out2)] <= self.allowed + 1e-12
+        ok = bound2 <= self.allowed + 1e-12
         if ok and (dist2 < dist or score2 > score):
             for rec in records:
                 if rec.name in info["layer_errors"]:
                     rec.extra["refit_layer_error"] = info["layer_errors"][rec.name]
-            return _Built(dict(assignment), refitted, records, out2, score2, dist2,
+            return _Built(dict(assignment), refitted, records, out2, score2, dist2, bound2,
                           {**info, "kept": True})
         plain.refit = {**info, "kept": False}
         return plain
 
-    def bound(self, built: _Built) -> float:
-        return self.bounds[id(built.outputs)]
-
     def feasible(self, built: _Built) -> bool:
-        return self.bound(built) <= self.allowed + 1e-12
+        return built.bound <= self.allowed + 1e-12
 
     def extend(self, steps, t: int, best: _Built, *, target: bool) -> _Built:
         """With the refit, the longest path prefix beyond ``t`` that holds the bound (by
