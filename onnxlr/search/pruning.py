@@ -41,8 +41,8 @@ from onnxlr import runtime
 from onnxlr.graph import NameScope, to_graph
 from onnxlr.linalg.channel_select import (PatchStats, contribution_gram, dependent_channels,
                                           lasso_gram, refit, select_channels)
-from onnxlr.passes.channel_chains import (ChannelChain, _set_consumer, chain_into,
-                                          consumer_weight, rewrite)
+from onnxlr.passes.channel_chains import (CANDIDATE_OPS, ChannelChain, _set_consumer,
+                                          chain_into, consumer_weight, rewrite)
 from onnxlr.passes.prune import MAX_FEATURES
 from onnxlr.rank import round_rank
 from onnxlr.sites import find_site
@@ -334,8 +334,7 @@ def add_prune_rungs(build, ladders: list, empty: dict[str, str], feeds: dict, ti
     total = sum(r.macs_before for r in records) or 1
     graph = to_graph(build.prepared)
     chains, why = prunable(graph, [r.name for r in records])
-    costs = {n.name: layer_cost(graph, n.name) for n in graph.nodes
-             if n.name in chains or any(c.producer.name == n.name for c in chains.values())}
+    costs = layer_costs(graph)
     account = {"chains": len(chains), "not_prunable": why, "timed": {}, "fitted": 0}
     for name in list(chains):
         share = (costs[name][1] + (costs.get(chains[name].producer.name) or (0, 0))[1]) / total
@@ -408,12 +407,17 @@ def add_prune_rungs(build, ladders: list, empty: dict[str, str], feeds: dict, ti
     return chains, fits, account
 
 
-def layer_cost(graph: gs.Graph, name: str) -> tuple[int, int] | None:
-    node = next((n for n in graph.nodes if n.name == name), None)
-    site = None if node is None else find_site(node, graph)
-    return None if site is None or isinstance(site, str) else (site.params, site.macs)
+def layer_costs(graph: gs.Graph) -> dict[str, tuple[int, int]]:
+    """{layer: (params, MACs)} of every node that is a layer, in one pass over the graph."""
+    out = {}
+    for node in graph.nodes:
+        if node.op in CANDIDATE_OPS and not node.domain:
+            site = find_site(node, graph)
+            if not isinstance(site, str):
+                out[node.name] = (site.params, site.macs)
+    return out
 
 
 __all__ = ["KEEP_LEVELS", "PRUNE", "PruneBuilder", "PruneFit", "add_prune_rungs", "apply",
            "capture_stats", "chain_graph", "columns", "entry_order", "fit", "fits_for",
-           "keep_counts", "prunable", "time_chain"]
+           "keep_counts", "layer_costs", "prunable", "time_chain"]

@@ -24,7 +24,7 @@ from onnxlr.search.gated import GatedModel
 from onnxlr.search.ladders import AUTO_ALTERNATIVES, build_ladders
 from onnxlr.search.metrics import CONFIDENCE, check_reference, drop_bound, resolve_metric
 from onnxlr.search.planner import Planner, choose, greedy_path, subset
-from onnxlr.search.pruning import PRUNE, PruneBuilder, add_prune_rungs, layer_cost
+from onnxlr.search.pruning import PRUNE, PruneBuilder, add_prune_rungs, layer_costs
 from onnxlr.search.pruning import apply as apply_pruning
 
 logger = logging.getLogger(__name__)
@@ -380,8 +380,9 @@ def _prune(graph, records, chosen: dict) -> None:
                          producer=fitted.producer,
                          error_kind="relative L2 error of the layer's output on the fitting "
                                     "samples")
+    costs = layer_costs(graph)
     for rec in records:
-        cost = layer_cost(graph, rec.name)
+        cost = costs.get(rec.name)
         if cost is None or cost == (rec.params_after, rec.macs_after):
             continue
         if rec.status == FACTORISED:
