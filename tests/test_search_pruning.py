@@ -13,8 +13,8 @@ from onnxlr.search.gated import GatedModel, Option
 from onnxlr.search.ladders import Ladder, Rung
 from onnxlr.search.metrics import BUILTINS, drop_bound
 from onnxlr.search.planner import conflict, greedy_path
-from onnxlr.search.pruning import (PRUNE, PruneBuilder, apply, capture_stats, fit, keep_counts,
-                                   prunable)
+from onnxlr.search.pruning import (PRUNE, PruneBuilder, apply, capture_stats, fits_for,
+                                   keep_counts, prunable)
 
 LAYERS = ["conv2", "conv3", "fc1", "fc2"]
 KEEP = {"conv2": 8, "conv3": 16, "fc1": 16, "fc2": 8}
@@ -31,7 +31,8 @@ def pruned_setup():
     batches = [{"input": rng.standard_normal((16, 3, 8, 8)).astype(np.float32)}
                for _ in range(4)]
     stats = capture_stats(prepared, chains, batches)
-    fits = {name: fit(chains[name], stats[name], KEEP[name]) for name in LAYERS}
+    fits = {name: fits_for(chains[name], stats[name], [KEEP[name]])[KEEP[name]]
+            for name in LAYERS}
     return prepared, chains, fits
 
 
@@ -219,7 +220,7 @@ def test_one_lasso_path_fits_every_count_about_as_well_as_a_bisected_one(pruned_
     first k channels."""
     from onnxlr.linalg.channel_select import refit as ls_refit
     from onnxlr.passes.channel_chains import consumer_weight
-    from onnxlr.search.pruning import fits_for
+    from onnxlr.linalg.channel_select import select_channels
     prepared, chains, _ = pruned_setup
     graph = to_graph(prepared)
     rng = np.random.default_rng(3)
@@ -230,7 +231,7 @@ def test_one_lasso_path_fits_every_count_about_as_well_as_a_bisected_one(pruned_
         keeps = keep_counts(chains[name].channels)
         many = fits_for(chains[name], stats[name], keeps)
         for k in keeps:
-            exact = fit(chains[name], stats[name], k)
+            exact = select_channels(stats[name], consumer_weight(chains[name]), k)
             assert len(many[k].kept) == k and len(set(many[k].kept)) == k
             assert many[k].error <= 1.5 * exact.error + 1e-6, (name, k)
             naive = ls_refit(stats[name], consumer_weight(chains[name]), np.arange(k))[2]

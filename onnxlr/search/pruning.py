@@ -15,8 +15,8 @@ rung per layer, so pruning and factorisation compete for every layer.
   consumer, measured, not counted.
 - **Fit**: the consumer's input second moments (channel-major patch rows, F = C·K wide,
   bounded by :data:`onnxlr.passes.prune.MAX_FEATURES`) are captured in one run over the
-  fitting samples for every candidate; LASSO picks the channels, least squares the weights
-  (:func:`onnxlr.linalg.channel_select.select_channels`), only for rungs measured faster.
+  fitting samples for every candidate; LASSO picks the channels (one path for every count,
+  :func:`entry_order`), least squares the weights, only for rungs measured faster.
 - **Gated graph**: a prune rung is ``Gather(x, kept) → consumer'``: the consumer's output
   with the dropped channels gone is exactly what the pruned model computes, so the search
   scores what the user gets. Its producer then must not take a low-rank rung (the rung
@@ -40,7 +40,7 @@ import onnx_graphsurgeon as gs
 from onnxlr import runtime
 from onnxlr.graph import NameScope, to_graph
 from onnxlr.linalg.channel_select import (PatchStats, contribution_gram, dependent_channels,
-                                          lasso_gram, refit, select_channels)
+                                          lasso_gram, refit)
 from onnxlr.passes.channel_chains import (CANDIDATE_OPS, ChannelChain, _set_consumer,
                                           chain_into, consumer_weight, rewrite)
 from onnxlr.passes.prune import MAX_FEATURES
@@ -222,14 +222,6 @@ def capture_stats(model: onnx.ModelProto, chains: dict[str, ChannelChain],
     return stats
 
 
-def fit(chain: ChannelChain, stats: PatchStats, keep: int) -> PruneFit:
-    """He et al.'s LASSO channel choice and least-squares weights for ``keep`` channels."""
-    sel = select_channels(stats, consumer_weight(chain), keep)
-    return PruneFit(np.sort(np.asarray(sel.kept, dtype=np.int64)), sel.weight, sel.bias_delta,
-                    sel.error, channel_axis(chain), chain.group, chain.consumer.name,
-                    chain.producer.name, chain.channels)
-
-
 #: λ shrinks by this factor per step of the one LASSO path behind every keep count.
 PATH_SHRINK = 0.8
 #: FISTA tolerance on that path (an order of entry needs less than an exact support).
@@ -240,9 +232,9 @@ def entry_order(stats: PatchStats, weight: np.ndarray, up_to: int) -> np.ndarray
     """Channels in the order they enter He et al.'s LASSO path (walked down from λ_max until
     ``up_to`` are in), zero and linearly dependent ones last: they go first, at no cost.
 
-    Why one path for every rung: :func:`select_channels` bisects λ for one exact count;
-    a ladder needs four counts of the same layer, and on a 1024-neuron FFN four bisected
-    paths took minutes. The counts' supports differ only where the path is not monotone;
+    Why one path for every rung: :func:`onnxlr.linalg.channel_select.select_channels`
+    bisects λ for one exact count; a ladder needs several counts of the same layer, and on
+    a 1024-neuron FFN four bisected paths took minutes. The counts' supports differ only where the path is not monotone;
     each count's weights are still refit by least squares on its own channels.
     """
     independent, dependent, zero = dependent_channels(stats.channel_gram())
@@ -419,5 +411,5 @@ def layer_costs(graph: gs.Graph) -> dict[str, tuple[int, int]]:
 
 
 __all__ = ["KEEP_LEVELS", "PRUNE", "PruneBuilder", "PruneFit", "add_prune_rungs", "apply",
-           "capture_stats", "chain_graph", "columns", "entry_order", "fit", "fits_for",
+           "capture_stats", "chain_graph", "columns", "entry_order", "fits_for",
            "keep_counts", "layer_costs", "prunable", "time_chain"]
