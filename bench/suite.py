@@ -63,8 +63,9 @@ SETTINGS = [
     ("latency-aware", {"method": "auto", "rank": "vbmf", "rank_multiple": 8,
                        "accept": "latency"}, None),
     ("data-aware", {"method": "auto", "rank": "vbmf", "calib": "CALIB"}, None),
-    # the metric search: calibration statistics, the task's own agreement as a plug-in
-    # metric (TASK), one point of it allowed to drop (NudeNet: box F1 >= 0.9, the goal)
+    # the metric search: calibration statistics, the task metric against the calibration
+    # labels as a plug-in (TASK; NudeNet, without labels: box F1 against the original), one
+    # point of it allowed to drop (NudeNet: box F1 >= 0.9, the goal)
     # (inputs None: the search holds half the calibration set out to judge on)
     ("search", {"method": "auto", "calib": "CALIB", "metric": "TASK", "max_drop": "DROP",
                 "inputs": None}, None),
@@ -155,7 +156,7 @@ def one_setting(task, label: str, kwargs: dict, ctx: dict, args) -> dict:
     row = {"setting": label, "method": kw.get("method", "auto"), "rank": str(kw.get("rank")),
            "rank_multiple": kw.get("rank_multiple", 1), "bound": kw.get("max_error", DEFAULT_MAX_ERROR),
            "accept": kw.get("accept", "error"), "calib": "calib" in kw}
-    if "metric" in kw:  # the search: its bound is the allowed drop of the task's agreement
+    if "metric" in kw:  # the search: its bound is the allowed drop of the task metric (or agreement)
         row["bound"] = kw.get("max_drop")
     t0 = time.perf_counter()
     try:
@@ -232,7 +233,15 @@ def _other_batch(task) -> dict | None:
 
 
 def _task_metric(task):
-    """The task's agreement with the original, as an ``optimize(metric=...)`` plug-in."""
+    """The search's ``optimize(metric=...)`` plug-in: the task metric against the
+    calibration labels where the task has them (the issue's yardstick), else the task's
+    agreement with the original (NudeNet: box F1 against the original's boxes)."""
+    if task.labelled is not None and task.calib_labels is not None:
+        def task_metric(reference: dict, candidate: dict, labels) -> float:
+            return float(task.labelled(candidate, labels))
+        task_metric.__name__ = f"{task.name}: {task.metric}"
+        return task_metric
+
     def agreement(reference: dict, candidate: dict) -> float:
         return float(task.agree([reference], [candidate]))
     agreement.__name__ = f"{task.name}: {task.agreement}"
@@ -256,7 +265,8 @@ def run_model(name: str, args, params: set[str]) -> dict:
     logger.info("%s: prepared in %.0f s", name, time.perf_counter() - t0)
     with tempfile.TemporaryDirectory(prefix=f"onnxlr-{name}-") as tmp:
         calib_npz = str(Path(tmp) / "calib.npz")
-        np.savez(calib_npz, **task.calib)
+        labels = {} if task.calib_labels is None else {"label": np.asarray(task.calib_labels)}
+        np.savez(calib_npz, **task.calib, **labels)
         base = runtime.make_session(str(task.model_path), threads=args.threads)
         reference = run_all(base, task.evaluate)
         ctx = {"calib_npz": calib_npz, "base": base, "reference": reference, "params": params,

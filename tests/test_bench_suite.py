@@ -315,3 +315,21 @@ def test_render_only_rewrites_results_from_json(tmp_path):
     text = out.read_text()
     assert "### Model magika" in text and "| magika | default |" in text
     assert text.rstrip().endswith("## Notes")
+
+
+def test_search_plugin_is_the_task_metric_on_calibration_labels(tmp_path):
+    """With calibration labels the search is judged by the task metric against them (the
+    issue's yardstick), not by agreement with the original; without, by the agreement."""
+    task = digits_cnn.prepare(tmp_path)
+    assert task.calib_labels is not None and len(task.calib_labels) == len(task.calib["input"])
+    plugin = suite._task_metric(task)
+    logits = np.eye(10, dtype=np.float32)[[1, 2, 3, 4]]
+    wrong = np.eye(10, dtype=np.float32)[[1, 2, 0, 0]]
+    labels = np.array([1, 2, 3, 4])
+    assert plugin({"logits": logits}, {"logits": logits}, labels) == 1.0
+    assert plugin({"logits": logits}, {"logits": wrong}, labels) == 0.5
+    # a candidate that fixes an original's mistake scores higher, unlike agreement
+    assert plugin({"logits": wrong}, {"logits": logits}, labels) == 1.0
+    no_labels = base.Task(**{**task.__dict__, "calib_labels": None})
+    agree = suite._task_metric(no_labels)
+    assert agree({"logits": wrong}, {"logits": logits}) == 0.5

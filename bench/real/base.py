@@ -22,7 +22,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Feeds", "Task", "extract", "fetch_wheel", "sha256", "top1_agreement"]
+__all__ = ["Feeds", "Task", "extract", "fetch_wheel", "sha256", "top1_accuracy", "top1_agreement"]
 
 Feeds = dict[str, np.ndarray]
 
@@ -49,6 +49,11 @@ class Task:
             that the calibration inputs do not pin.
         notes: facts worth printing under the table (preprocessing followed, caveats).
         info: JSON-ready facts about the inputs (counts, manifests, digests).
+        calib_labels: an integer per calibration sample (a class, or an index into the
+            task's own list of answers), saved as the calibration file's ``label``.
+        labelled: the task metric of one output dict against such labels,
+            ``fn(outputs, labels) -> float``: with ``calib_labels``, the search's plug-in
+            metric (the issue's yardstick: the task metric, not the agreement).
     """
 
     name: str
@@ -65,6 +70,8 @@ class Task:
     input_shapes: dict | None = None
     notes: list[str] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    calib_labels: np.ndarray | None = None
+    labelled: Callable[[Feeds, np.ndarray], float] | None = None
 
 
 def sha256(path: Path) -> str:
@@ -132,6 +139,11 @@ def extract(wheel: Path, member: str, dest: Path) -> Path:
             out.write(block)
     tmp.replace(dest)
     return dest
+
+
+def top1_accuracy(outputs: Feeds, labels: np.ndarray, output: str) -> float:
+    """Fraction of samples whose argmax over the last axis of ``output`` is their label."""
+    return float(np.mean(np.asarray(outputs[output]).argmax(-1) == np.asarray(labels)))
 
 
 def top1_agreement(reference: list[Feeds], candidate: list[Feeds], output: str) -> float:

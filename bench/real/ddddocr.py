@@ -140,7 +140,7 @@ def prepare(cache: Path, quick: bool = False) -> Task:
         charset_json.write_text(json.dumps(load_charset(charset_py), ensure_ascii=False))
     charset = json.loads(charset_json.read_text())
     n_eval, n_calib = (24, 8) if quick else (256, 512)
-    calib, _ = captchas(n_calib, SEED + 1)
+    calib, calib_texts = captchas(n_calib, SEED + 1)
     test_x, texts = captchas(n_eval, SEED)
     _check_batching(model, test_x[:3])
 
@@ -153,13 +153,17 @@ def prepare(cache: Path, quick: bool = False) -> Task:
     def agree(reference: list[dict], candidate: list[dict]) -> float:
         return float(np.mean([a == b for a, b in zip(read(reference), read(candidate))]))
 
+    def labelled(outputs: dict, labels: np.ndarray) -> float:  # labels index calib_texts
+        return float(np.mean([p.lower() == calib_texts[i]
+                              for p, i in zip(read([outputs]), labels)]))
+
     return Task(
         name=NAME, title=f"ddddocr {VERSION} OCR (common.onnx: convs, BiLSTM, Gemm 1024→8210)",
         source=f"ddddocr=={VERSION} wheel, ddddocr/common.onnx, MIT",
         model_path=model, calib={"input1": calib}, evaluate=[{"input1": test_x}],
         timing={"input1": test_x[:1]}, metric="exact match", score=score, agree=agree,
         agreement="same decoded string as the original",
-        input_shapes=None,
+        input_shapes=None, calib_labels=np.arange(n_calib), labelled=labelled,
         notes=[f"{n_eval} captchas (4 characters from '{ALPHABET}', seed {SEED}) rendered by the "
                f"captcha package, compared case-insensitively; {n_calib} other captchas for "
                "calibration; timed at batch 1 (one captcha)",

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.real.base import Task, top1_agreement
+from bench.real.base import Task, top1_accuracy, top1_agreement
 
 NAME = "debian_bert"
 STATUS = Path("/var/lib/dpkg/status")
@@ -214,6 +214,8 @@ def prepare(cache: Path, quick: bool = False) -> Task:
         model_path=path, calib=calib, evaluate=[held], timing=timing, metric="accuracy",
         score=score, agree=lambda r, c: top1_agreement(r, c, "logits"),
         agreement="top-1 agreement with the original",
+        calib_labels=np.array([label[train[i].section] for i in pick]),
+        labelled=lambda out, lab: top1_accuracy(out, lab, "logits"),
         notes=[f"{len(packages)} packages of the {len(sections)} largest sections "
                f"({', '.join(sections)}), split by source package: {len(train)} train, "
                f"{len(test)} held out; calibration: {len(pick)} training texts; all padded to "

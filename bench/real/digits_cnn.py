@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.real.base import Task, top1_agreement
+from bench.real.base import Task, top1_accuracy, top1_agreement
 
 NAME = "digits_cnn"
 ROOT = Path(__file__).resolve().parents[2] / "examples"
@@ -24,7 +24,7 @@ def prepare(cache: Path, quick: bool = False) -> Task:
         # so every row of the results is measured on the same 386 images
         test_x, test_y = data["input"][OLD_CALIB:], data["label"][OLD_CALIB:]
     with np.load(ROOT / "digits_calib.npz") as data:
-        calib = data["input"]
+        calib, calib_y = data["input"], data["label"]
     if quick:
         test_x, test_y = test_x[:128], test_y[:128]
 
@@ -37,7 +37,8 @@ def prepare(cache: Path, quick: bool = False) -> Task:
         model_path=ROOT / "digits_cnn.onnx", calib={"input": calib},
         evaluate=[{"input": test_x}], timing={"input": test_x[:64]}, metric="accuracy",
         score=score, agree=lambda r, c: top1_agreement(r, c, "logits"),
-        agreement="top-1 agreement with the original",
+        agreement="top-1 agreement with the original", calib_labels=calib_y,
+        labelled=lambda out, lab: top1_accuracy(out, lab, "logits"),
         notes=[f"calibration: the {len(calib)} training images of examples/digits_calib.npz; "
                f"metric on the {len(test_y)} test images; timed at batch 64"],
         info={"calib": int(len(calib)), "evaluate": int(len(test_y)), "timing_batch": 64})

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.real.base import Task, extract, fetch_wheel, sha256, top1_agreement
+from bench.real.base import Task, extract, fetch_wheel, sha256, top1_accuracy, top1_agreement
 
 NAME = "magika"
 VERSION = "1.0.3"
@@ -173,6 +173,7 @@ def prepare(cache: Path, quick: bool = False) -> Task:
         model_path=model, calib={"bytes": x[calib_idx]}, evaluate=[{"bytes": x[eval_idx]}],
         timing={"bytes": x[eval_idx[:1]]}, metric="accuracy vs extension", score=score,
         agree=lambda r, c: top1_agreement(r, c, "target_label"),
+        calib_labels=y[calib_idx], labelled=lambda out, lab: top1_accuracy(out, lab, "target_label"),
         agreement="top-1 agreement with the original",
         notes=[f"{len(eval_idx)} real files ({len(counts)} types, at most 8 each) from the Python "
                f"stdlib, site-packages and /usr/share, labelled by extension; {len(calib_idx)} other "

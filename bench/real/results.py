@@ -68,6 +68,8 @@ def row_cells(result: dict, row: dict) -> list[str]:
 
 
 def _speed(row: dict) -> str:
+    if not row.get("layers"):  # the same model timed twice: its "speed-up" is noise
+        return "– (unchanged)"
     text = _f(row.get("speedup"), ".2f") + "x"
     other = row.get("speedup_other_batch")
     if other:
@@ -110,9 +112,13 @@ def headline(results: list[dict]) -> str:
             label = f"no safe setting; default: {why}"
         before, after = metric_pair(res, row)
         lines.append(f"| {res['name']} | {label or row['setting']} | {row['layers']}/{row['candidates']} | "
-                     f"{row['macs_ratio']:.3f}x | {row['speedup']:.2f}x | {res['metric']} | "
+                     f"{row['macs_ratio']:.3f}x | {_headline_speed(row)} | {res['metric']} | "
                      f"{_f(before)} → {_f(after)} |")
     return "\n".join(lines) + "\n"
+
+
+def _headline_speed(row: dict) -> str:
+    return f"{row['speedup']:.2f}x" if row.get("layers") else "– (unchanged)"
 
 
 def machine_line(machine: dict) -> str:
@@ -142,9 +148,10 @@ def render(results: list[dict], fragments: dict[str, str]) -> str:
                 "every output on the calibration inputs; 0.05 is onnxlr's default, *none* "
                 "switches it off); *output error* is the worst output's relative L2 on the "
                 "held-out inputs; */8* means ranks rounded up to multiples of 8. The *search* "
-                "rows are `optimize(calib=..., metric=<the task's agreement as a plug-in>, "
-                "max_drop=<bound>)`: their bound is the allowed drop of that agreement, judged "
-                "on half of the calibration set held out. A second speed-up in brackets is the "
+                "rows are `optimize(calib=..., metric=<the task metric against the calibration "
+                "labels as a plug-in; NudeNet, without labels: box F1 against the original>, "
+                "max_drop=<bound>)`: their bound is the allowed drop of that metric, judged "
+                "on half of the calibration set held out (its 80% paired-bootstrap bound). A second speed-up in brackets is the "
                 "same two models at another batch size. "
                 f"The shared machine was loaded while measuring: speed-ups are noisy.", "",
                 "Best safe setting per model (bound on and met, task metric within "

@@ -50,12 +50,13 @@ def prepare(cache: Path, quick: bool = False) -> Task:
     path = cache / NAME / f"mlp_digits_sklearn{sklearn.__version__}.onnx"
     if not path.exists():
         build(path)
-    x_train, x_test, _, y_test = _split()
+    x_train, x_test, y_train, y_test = _split()
     # calibration: 512 training digits (what a user has); the first CALIB test digits, the
     # calibration set of earlier runs, stay out so every row is measured on the same digits
     pick = np.sort(np.random.default_rng(SEED).choice(len(x_train), min(512, len(x_train)),
                                                       replace=False))
     calib, test_x, test_y = x_train[pick], x_test[CALIB:], y_test[CALIB:]
+    calib_y = y_train[pick]
 
     def score(outputs: list[dict]) -> float:
         return float(np.mean(outputs[0]["label"] == test_y))
@@ -66,7 +67,8 @@ def prepare(cache: Path, quick: bool = False) -> Task:
                f"{SEED}, converted by skl2onnx (BSD-3-Clause / Apache-2.0)",
         model_path=path, calib={"X": calib}, evaluate=[{"X": test_x}], timing={"X": test_x[:64]},
         metric="accuracy", score=score, agree=lambda r, c: top1_agreement(r, c, "probabilities"),
-        agreement="top-1 agreement with the original",
+        agreement="top-1 agreement with the original", calib_labels=calib_y,
+        labelled=lambda out, lab: float(np.mean(out["label"] == lab)),
         notes=[f"70/30 stratified split (seed {SEED}); calibration: {len(calib)} training digits, "
                f"metric on the other {len(test_y)}; timed at batch 64"],
         info={"calib": int(len(calib)), "evaluate": int(len(test_y)), "timing_batch": 64})
