@@ -376,3 +376,46 @@ def test_truncated_svd_gram_route_matches_lapack(monkeypatch, shape):
     np.testing.assert_allclose(a.T @ a, np.eye(k), atol=1e-10)
     s = np.linalg.svd(w, compute_uv=False)
     assert np.linalg.norm(w - a @ b) == pytest.approx(np.sqrt((s[k:] ** 2).sum()), rel=1e-9)
+
+
+def test_truncated_svd_reuses_one_full_svd_per_matrix_and_stays_bounded(monkeypatch):
+    """Ranks of the same matrix share one LAPACK SVD (a search asks for four); the factors
+    handed out are the caller's own arrays, and the cache never holds more than its bound."""
+    import scipy.linalg
+    from onnxlr.linalg import svd as svd_mod
+    calls = []
+    real = scipy.linalg.svd
+    monkeypatch.setattr(svd_mod.scipy.linalg, "svd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(svd_mod, "_svd_cache", svd_mod.OrderedDict())
+    w = np.random.default_rng(3).standard_normal((40, 60))
+    for k in (4, 8, 16):
+        a, b = svd_mod.truncated_svd(w, k)
+        u, s, vt = np.linalg.svd(w, full_matrices=False)
+        ref = (u[:, :k] * s[:k]) @ vt[:k]
+        np.testing.assert_allclose(a @ b, ref, atol=1e-10)
+        a[:] = 0.0  # the caller's copy: the cached SVD must not change
+    assert len(calls) == 1
+    a, b = svd_mod.truncated_svd(w, 8)
+    np.testing.assert_allclose(a @ b, (u[:, :8] * s[:8]) @ vt[:8], atol=1e-10)
+    monkeypatch.setattr(svd_mod, "SVD_CACHE_BYTES", 3 * 8 * (40 * 40 + 40 + 40 * 60))
+    for seed in range(5):
+        svd_mod.truncated_svd(np.random.default_rng(seed).standard_normal((40, 60)), 4)
+    assert sum(x.nbytes for v in svd_mod._svd_cache.values() for x in v) <= svd_mod.SVD_CACHE_BYTES
+
+
+def test_output_error_matches_samples_in_float64():
+    """The calibration output error from the statistics equals the one computed on the
+    samples themselves (numpy float64 reference)."""
+    from onnxlr.linalg.whiten import LayerStats, output_error
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 12)) @ rng.standard_normal((12, 12)) + 0.3
+    a = rng.standard_normal((7, 12))
+    approx = a + 0.1 * rng.standard_normal((7, 12))
+    stats = LayerStats(x.T @ x / len(x), x.mean(0), len(x))
+    y, yh = x @ a.T, x @ approx.T
+    ref = np.sqrt(np.mean(np.sum((y - yh) ** 2, 1)) / np.mean(np.sum((y - y.mean(0)) ** 2, 1)))
+    assert output_error(a, approx, stats) == pytest.approx(ref, rel=1e-9)
+    shift = (a - approx) @ x.mean(0)
+    ref2 = np.sqrt(np.mean(np.sum((y - yh - shift) ** 2, 1)) / np.mean(np.sum((y - y.mean(0)) ** 2, 1)))
+    assert output_error(a, approx, stats, shift) == pytest.approx(ref2, rel=1e-9)
+    assert output_error(a, approx, stats) == pytest.approx(ref, rel=1e-9)  # cached spread

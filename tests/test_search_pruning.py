@@ -1,6 +1,7 @@
 """Channel pruning inside the search: prune rungs in the gated graph compute exactly the model
 that :func:`onnxlr.search.pruning.apply` builds, against a numpy float64 reference; the planner
 never combines a prune rung with a low-rank rung on its producer; the drop bound."""
+import dataclasses
 import itertools
 
 import numpy as np
@@ -121,6 +122,14 @@ def test_the_drop_bound_counts_how_few_samples_judged():
     cand4 = {"y": ref4["y"].copy()}
     cand4["y"][:12] = np.roll(cand4["y"][:12], 1, axis=1)
     assert drop_bound(metric, ref4, cand4, many) - 12 / (4 * n) < bound - plain
+    # a drop already over the allowance is the verdict: no resampling, the same answer
+    calls = []
+    counting = dataclasses.replace(metric, score_fn=lambda r, c, lab: calls.append(1) or
+                                   metric.score_fn(r, c, lab))
+    assert drop_bound(counting, ref, cand, labels, drop=plain, stop_above=plain / 2) == plain
+    assert not calls
+    assert drop_bound(counting, ref, cand, labels, drop=plain, stop_above=1.0) == bound
+    assert len(calls) == 2 * 64   # original and candidate on every resample
 
 
 def _pad_model(channel_pads: bool):

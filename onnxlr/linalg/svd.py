@@ -21,7 +21,9 @@ factors are exactly what the formula above says.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import OrderedDict
 
 import numpy as np
 import scipy.linalg
@@ -152,19 +154,64 @@ def truncated_svd(w: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"SVD rank must be in [1, {min(m, n)}] for a {m}×{n} matrix, got {k}")
     if min(m, n) >= GRAM_MIN_DIM and max(m, n) >= 2 * min(m, n) and k < min(m, n):
         return _truncated_via_gram(w, k)
-    # gesdd is LAPACK's fast driver; gesvd is the slower, more robust fallback
-    # for the rare matrices on which gesdd fails to converge.
-    try:
-        u, s, vt = scipy.linalg.svd(w, full_matrices=False, lapack_driver="gesdd")
-    except np.linalg.LinAlgError:
-        logger.warning("gesdd did not converge on a %d×%d matrix; retrying with gesvd", m, n)
-        u, s, vt = scipy.linalg.svd(w, full_matrices=False, lapack_driver="gesvd")
+    u, s, vt = _full_svd(w)
     u, vt = u[:, :k], vt[:k]
     signs = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(k)])
     signs[signs == 0] = 1.0
     a = u * signs
     b = (s[:k] * signs)[:, None] * vt
     return a, b
+
+
+#: Factorisations kept for the next rank of the same matrix: a search factorises each layer
+#: at four ranks, and on NudeNet recomputing the SVD per rank was 83 of its 119 s of timing
+#: factors (the HOSVD's eigenbases another 25 s). Bounded (bytes in all; a bigger one is
+#: not kept) so a big model's one-rank-per-layer pass holds nothing extra worth speaking of.
+SVD_CACHE_BYTES = 256 << 20
+_svd_cache: OrderedDict = OrderedDict()
+
+
+def _remembered(kind: str, w: np.ndarray, compute) -> tuple:
+    """``compute(w)`` (a tuple of arrays), remembered for the same matrix, read-only."""
+    key = (kind, w.shape, hashlib.blake2b(np.ascontiguousarray(w).tobytes(),
+                                          digest_size=16).digest())
+    if key in _svd_cache:
+        _svd_cache.move_to_end(key)
+        return _svd_cache[key]
+    out = compute(w)
+    if sum(x.nbytes for x in out) <= SVD_CACHE_BYTES // 4:
+        for x in out:
+            x.flags.writeable = False  # shared by every caller: nobody may change it
+        _svd_cache[key] = out
+        while sum(x.nbytes for v in _svd_cache.values() for x in v) > SVD_CACHE_BYTES:
+            _svd_cache.popitem(last=False)
+    return out
+
+
+def _full_svd(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``scipy.linalg.svd(w, full_matrices=False)``, remembered for the same matrix."""
+    def compute(w):
+        # gesdd is LAPACK's fast driver; gesvd is the slower, more robust fallback
+        # for the rare matrices on which gesdd fails to converge.
+        try:
+            return scipy.linalg.svd(w, full_matrices=False, lapack_driver="gesdd")
+        except np.linalg.LinAlgError:
+            logger.warning("gesdd did not converge on a %d×%d matrix; retrying with gesvd",
+                           *w.shape)
+            return scipy.linalg.svd(w, full_matrices=False, lapack_driver="gesvd")
+    return _remembered("svd", w, compute)
+
+
+def cached_leading_left_subspace(mat: np.ndarray, k: int) -> np.ndarray:
+    """:func:`leading_left_subspace` for a matrix asked again at other ranks (the HOSVD
+    start of every Tucker rung of one layer): one full eigendecomposition, remembered."""
+    p = mat.shape[0]
+    if not 1 <= k <= p:
+        raise ValueError(f"subspace rank must be in [1, {p}], got {k}")
+    if k == p:
+        return np.eye(p)
+    (vectors,) = _remembered("left", mat, lambda m: (gram_eigh(m)[1],))
+    return np.array(vectors[:, :k])
 
 
 #: Long matrices at least this wide take the Gram route in ``truncated_svd``.

@@ -43,7 +43,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxlr.linalg.svd import as_float64, leading_left_subspace, singular_values
+from onnxlr.linalg.svd import (as_float64, cached_leading_left_subspace, leading_left_subspace,
+                               singular_values)
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +160,8 @@ def tucker2(kernel: np.ndarray, ranks: tuple[int, int], n_iter_max: int = 50,
         return _swap01((u_in.T @ partial1).reshape(r_in, r_out, kk)).reshape(r_out, r_in, kk)
 
     # HOSVD: each factor from the unprojected kernel.
-    u_out = leading_left_subspace(x0, r_out)
-    u_in = leading_left_subspace(x1, r_in)
+    u_out = cached_leading_left_subspace(x0, r_out)
+    u_in = cached_leading_left_subspace(x1, r_in)
     partial1 = _swap01((u_out.T @ x0).reshape(r_out, s, kk))
     core = finish(partial1, u_in)
     err2 = norm2 - float(np.vdot(core, core))

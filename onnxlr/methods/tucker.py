@@ -23,6 +23,7 @@ the data.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -119,8 +120,14 @@ def whitened_tucker(site: LayerSite, ranks: tuple[int, int],
     r_out, r_in = ranks
     a = w.reshape(t, s * kk)
     if r_in < s:
-        wh = channel_stats(stats, s, kk).whitener(True)
-        u = np.linalg.svd(wh.factor.T @ unfold(w, 1), full_matrices=False)[0][:, :r_in]
+        # the whitener and the input-side SVD are the layer's, not the rung's: once each
+        key = ("tucker input side", w.shape, hashlib.blake2b(w.tobytes(), digest_size=16).digest())
+        if key not in stats._cache:
+            wh = channel_stats(stats, s, kk).whitener(True)
+            stats._cache[key] = (wh, np.linalg.svd(wh.factor.T @ unfold(w, 1),
+                                                   full_matrices=False)[0])
+        wh, u_full = stats._cache[key]
+        u = u_full[:, :r_in]
         u_in = np.linalg.qr((u.T @ wh.inverse).T)[0]  # orthonormal basis of the same rows
     else:
         u_in = np.eye(s)

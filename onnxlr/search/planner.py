@@ -153,7 +153,8 @@ class Planner:
                           f"end-to-end check of {len(assignment)} layers")
         out = self.gated.run(assignment, self.feeds)
         drop = self.baseline - self.metric.score(self.reference, out, self.labels)
-        bound = drop_bound(self.metric, self.reference, out, self.labels, drop=drop)
+        bound = drop_bound(self.metric, self.reference, out, self.labels, drop=drop,
+                           stop_above=self.max_drop)
         self.checks.append({"layers": len(assignment), "drop": drop, "drop_bound": bound})
         return bound
 

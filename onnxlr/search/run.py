@@ -223,7 +223,7 @@ class _Judge:
         out = runtime.run(_session(model, self.verifier.provider), self.verifier.feeds)
         score = self.metric.score(self.reference, out, self.labels)
         bound = drop_bound(self.metric, self.reference, out, self.labels,
-                           drop=self.baseline - score)
+                           drop=self.baseline - score, stop_above=self.allowed)
         return out, score, runtime.compare_outputs(self.reference, out).worst_rel_l2, bound
 
     def __call__(self, assignment: dict, refit: bool = True) -> _Built:
