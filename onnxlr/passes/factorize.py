@@ -156,8 +156,8 @@ class Factorize(Pass):
             ranks = (method.choose_ranks(site, selector, self.config.rank_multiple, stats=stats)
                      if stats is not None else
                      method.choose_ranks(site, selector, self.config.rank_multiple))
-        if isinstance(ranks, str):
-            record.reason = ranks
+        if isinstance(ranks, Declined):
+            record.reason = ranks.reason
             return record
         if node.name in self.config.rank_scale:
             ranks = method.scale_ranks(site, tuple(ranks), self.config.rank_scale[node.name])
