@@ -9,6 +9,7 @@ handed back marked as failing (``on_exceed="fail"``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -51,12 +52,20 @@ def parse_layer_ranks(specs: list[str]) -> list[tuple[str, object]]:
 
 
 class _Builder:
-    """Factorise the prepared model, optionally keeping some layers; factors are cached."""
+    """Factorise the prepared model, optionally keeping some layers; factors are cached.
+
+    The builder owns its (frozen) config: the rooms that re-rank layers (back-off, latency
+    acceptance, budgets) hand it the changed fields through :meth:`reconfigure`.
+    """
 
     def __init__(self, prepared: onnx.ModelProto, config: FactorizeConfig, progress):
         self.prepared, self.config, self.progress = prepared, config, progress
         self.cache: dict = {}
         self.make_pass = Factorize  # --method prune/thin: onnxlr.passes.prune sets its pass
+
+    def reconfigure(self, **changes) -> None:
+        """Build from now on with a copy of the config with ``changes`` (``dataclasses.replace``)."""
+        self.config = dataclasses.replace(self.config, **changes)
 
     def __call__(self, keep: dict[str, str]) -> tuple[onnx.ModelProto, list[LayerRecord]]:
         graph = to_graph(self.prepared)
@@ -197,10 +206,11 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
         from onnxlr.activations import calibrate
         from onnxlr.calib import load_calibration
         calib = load_calibration(calib, build.prepared, max_samples=calib_samples)  # read once
-        heldout = calibrate(build.prepared, config, calib, holdout=verify and inputs is None,
-                            max_samples=calib_samples, seed=seed, provider=provider,
-                            progress=progress,
-                            **(SEARCH_HOLDOUT if searched else {}))
+        build.config, heldout = calibrate(build.prepared, config, calib,
+                                          holdout=verify and inputs is None,
+                                          max_samples=calib_samples, seed=seed,
+                                          provider=provider, progress=progress,
+                                          **(SEARCH_HOLDOUT if searched else {}))
     keep: dict[str, str] = {}
     result, records = (None, []) if budgeted or searched else build(keep)
     report = Report(source=source, method=method, rank=rank, rank_multiple=rank_multiple,
@@ -338,7 +348,7 @@ def _allocate(build: _Builder, verifier, keep, report: Report, timer, original, 
                                  model_ms=model_ms)
     account["model_ms_before"] = model_ms
     report.budget = account
-    build.config.forced_ranks.update(ranks)
+    build.reconfigure(forced_ranks={**build.config.forced_ranks, **ranks})
     for rec in layers:
         if rec.name not in ranks:
             keep[rec.name] = "budget: the target was met without this layer"
@@ -417,10 +427,10 @@ def _back_off(build: _Builder, verifier, records, comparison, keep):
     solo = {r.name: alone(r.name)[0] for r in records if r.status == FACTORISED}
     measured = dict(solo)
     reverted: dict[str, str] = {}
-    scale = build.config.rank_scale
     while not comparison and solo:
         worst = max(solo, key=solo.get)
-        scale[worst] = scale.get(worst, 1.0) * 2
+        scale = build.config.rank_scale
+        build.reconfigure(rank_scale={**scale, worst: scale.get(worst, 1.0) * 2})
         error, rec = alone(worst)
         if rec.ranks is not None:
             first[worst] = rec  # report the ranks last tried, not the first ones
