@@ -36,9 +36,6 @@ from onnxlr.records import FACTORISED
 
 logger = logging.getLogger(__name__)
 
-#: Default --min-layer-speedup: a replacement must be this much faster alone to be kept.
-DEFAULT_MIN_LAYER_SPEEDUP = 1.05
-
 
 def default_cache_path() -> Path:
     """``$ONNXLR_CACHE_DIR/latency.json``, else ``~/.cache/onnxlr/latency.json``."""
