@@ -52,7 +52,7 @@ from onnxlr.passes.prune import ChannelPass, PrunePass  # noqa: E402
 from onnxlr.passes.thin import ThinPass  # noqa: E402
 from onnxlr.pipeline import prepare  # noqa: E402
 from onnxlr.rank import RatioRank, parse_rank  # noqa: E402
-from onnxlr.records import FACTORISED  # noqa: E402
+from onnxlr.records import FACTORISED, Declined  # noqa: E402
 from onnxlr.sites import find_site  # noqa: E402
 
 FRACTIONS = ("0.75", "0.5", "0.35")
@@ -95,7 +95,7 @@ def real(name: str, cache: Path, quick: bool) -> Case:
 def candidate_macs(model) -> int:
     graph = to_graph(model)
     return sum(s.macs for n in graph.nodes if n.op in ("Conv", "Gemm", "MatMul")
-               for s in [find_site(n, graph)] if not isinstance(s, str))
+               for s in [find_site(n, graph)] if not isinstance(s, Declined))
 
 
 def factor_macs(prepared, ratio: float) -> int:
@@ -105,12 +105,12 @@ def factor_macs(prepared, ratio: float) -> int:
     plan = parse_method("auto")
     total = 0
     for node in graph.nodes:
-        site = find_site(node, graph) if node.op in ("Conv", "Gemm", "MatMul") else "-"
-        if isinstance(site, str):
+        site = find_site(node, graph) if node.op in ("Conv", "Gemm", "MatMul") else None
+        if site is None or isinstance(site, Declined):
             continue
         method = METHODS[plan[site.kind]]()
         ranks = method.choose_ranks(site, RatioRank(ratio), 1)
-        if isinstance(ranks, str):
+        if isinstance(ranks, Declined):
             total += site.macs
             continue
         params, macs = method.cost(site, ranks)

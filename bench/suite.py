@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
-import inspect
 import json
 import logging
 import os
@@ -359,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(MODELS)}")
     if args.quick:
         args.rounds, args.time_target = min(args.rounds, 15), min(args.time_target, 1.0)
-    from onnxlr.pipeline import optimize
-    params = set(inspect.signature(optimize).parameters)
+    from onnxlr.settings import OPTION_NAMES
+    params = set(OPTION_NAMES)
     args.results.mkdir(parents=True, exist_ok=True)
     if args.render_only:
         names = []

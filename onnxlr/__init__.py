@@ -6,6 +6,8 @@ energy, VBMF) and every result checked against the original with ONNX Runtime.
 
 >>> import onnxlr
 >>> model, report = onnxlr.optimize("model.onnx", method="auto", rank="vbmf")  # doctest: +SKIP
+>>> opts = onnxlr.OptimizeOptions(rank="energy:0.95", max_error=0.02)  # doctest: +SKIP
+>>> model, report = onnxlr.optimize("model.onnx", opts, batch=4)  # doctest: +SKIP
 """
 __version__ = "0.1.0"
 
@@ -16,4 +18,12 @@ def optimize(*args, **kwargs):
     return _optimize(*args, **kwargs)
 
 
-__all__ = ["__version__", "optimize"]
+def __getattr__(name: str):
+    """``onnxlr.OptimizeOptions`` (:mod:`onnxlr.settings`), imported when first asked for."""
+    if name == "OptimizeOptions":
+        from onnxlr.settings import OptimizeOptions
+        return OptimizeOptions
+    raise AttributeError(f"module 'onnxlr' has no attribute {name!r}")
+
+
+__all__ = ["OptimizeOptions", "__version__", "optimize"]

@@ -60,6 +60,7 @@ def accept_by_latency(build, verifier, records: list[LayerRecord], keep: dict[st
     trials = time_layers(build, verifier, records, timer)
     before = {r.name: r for r in records}
     chosen = {}
+    forced, scale = dict(build.config.forced_ranks), dict(build.config.rank_scale)
     for name, options in trials.items():
         best = pick_fastest(options)
         chosen[name] = best
@@ -70,8 +71,9 @@ def accept_by_latency(build, verifier, records: list[LayerRecord], keep: dict[st
                         f"{best.ms_after:.3g} ms at ranks {best.ranks})")
             keep[name] = f"{measured}; below --min-layer-speedup {min_layer_speedup:g}"
         else:
-            build.config.forced_ranks[name] = best.ranks
-            build.config.rank_scale.pop(name, None)  # the ranks already include any back-off
+            forced[name] = best.ranks
+            scale.pop(name, None)  # the ranks already include any back-off
+    build.reconfigure(forced_ranks=forced, rank_scale=scale)
     result, rebuilt = build(keep)
     final = []
     for rec in rebuilt:

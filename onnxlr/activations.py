@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import weakref
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -221,8 +222,11 @@ def _holdout_size(calib: Calibration, fraction: float = 0.2, cap: int = 256) -> 
 def calibrate(model: onnx.ModelProto, config: Any, source: Any, *, holdout: bool,
               max_samples: int | None = None, max_positions: int | None = 256, seed: int = 0,
               provider: str = "cpu", progress: Callable | None = None,
-              holdout_fraction: float = 0.2, holdout_cap: int = 256) -> HeldOut | None:
-    """Set ``config.calibration`` to the input statistics of the layers it will factorise.
+              holdout_fraction: float = 0.2,
+              holdout_cap: int = 256) -> tuple[Any, HeldOut | None]:
+    """A copy of ``config`` (a dataclass, ``dataclasses.replace``; ``config`` itself is not
+    changed) whose ``calibration`` holds the input statistics of the layers it will factorise
+    and whose ``calibration_notes`` say why a layer has none; and the held-out samples.
 
     With ``holdout``, the last samples (a fifth, at most 256) are kept out of the
     statistics and returned as a temporary ``.npz`` to verify on (None when the set
@@ -247,14 +251,13 @@ def calibrate(model: onnx.ModelProto, config: Any, source: Any, *, holdout: bool
     def step(done: int, total: int, what: str) -> None:  # the pipeline's (index, total, label)
         progress(done - 1, total, f"{what} samples")
 
+    notes = dict(config.calibration_notes)
     try:
-        config.calibration = collect_layer_stats(model, calib, select=wanted,
-                                                 max_positions=max_positions, seed=seed,
-                                                 provider=provider,
-                                                 progress=step if progress else None,
-                                                 skipped=config.calibration_notes)
+        stats = collect_layer_stats(model, calib, select=wanted, max_positions=max_positions,
+                                    seed=seed, provider=provider,
+                                    progress=step if progress else None, skipped=notes)
     except BaseException:
         if held is not None:
             held.cleanup()
         raise
-    return held
+    return dataclasses.replace(config, calibration=stats, calibration_notes=notes), held

@@ -15,18 +15,19 @@ from pathlib import Path
 from onnxlr import __version__
 from onnxlr.errors import BoundExceeded, OnnxlrError, TargetMissed
 from onnxlr.options import count, number
+from onnxlr.settings import OPTION_NAMES, OptimizeOptions, default
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="input .onnx file")
     from onnxlr.methods import describe
-    p.add_argument("--method", default="auto",
+    p.add_argument("--method", default=default("method"),
                    help="auto (svd for gemm/matmul/conv1x1, tucker for conv), a method, or per "
                         "kind: 'auto,conv=cp', 'gemm=fastfood'. Methods: " + describe()
                         + ". Or alone: prune (channel pruning, needs --calib) | thin (SOMP, "
                         "data-free; least squares with --calib), where --rank 0.5 keeps half "
-                        "the channels. Default: auto")
-    p.add_argument("--rank-multiple", type=count(1), default=1, metavar="N",
+                        "the channels. Default: " + default("method"))
+    p.add_argument("--rank-multiple", type=count(1), default=default("rank_multiple"), metavar="N",
                    help="round ranks up to a multiple of N (8 or 16 run faster on most hardware)")
 
 
@@ -53,80 +54,86 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = add_parser
 
     p = sub.add_parser("optimize", help="factorise layers and verify the result")
+    d = default  # every optimize flag's default is the OptimizeOptions field's (onnxlr.settings)
     _common(p)
     p.add_argument("output_positional", nargs="?", metavar="output",
                    help="output .onnx path, as onnxsim/onnxslim take it (same as -o)")
     p.add_argument("-o", "--output", default=None, help="output .onnx path (never the input)")
-    p.add_argument("--rank", default="vbmf",
+    p.add_argument("--rank", default=d("rank"),
                    help="32 (fixed) | 0.25 (fraction of full rank) | energy:0.95 | vbmf. "
-                        "Default: vbmf")
-    p.add_argument("--include", action="append", default=[], metavar="GLOB",
+                        "Default: " + d("rank"))
+    p.add_argument("--include", action="append", default=list(d("include")), metavar="GLOB",
                    help="only factorise layers whose node name matches (repeatable)")
-    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+    p.add_argument("--exclude", action="append", default=list(d("exclude")), metavar="GLOB",
                    help="never factorise layers whose node name matches (repeatable)")
-    p.add_argument("--layer-rank", action="append", default=[], metavar="GLOB=RANK",
+    p.add_argument("--layer-rank", action="append", default=list(d("layer_ranks")),
+                   metavar="GLOB=RANK",
                    help="a rank rule for matching layers, e.g. 'conv5_*=16' (repeatable)")
-    p.add_argument("--max-error", type=number(above=0, none=True), default=0.05, metavar="X",
-                   help="bound on each output's relative L2 error vs the original "
-                        "(default 0.05; 'none' disables)")
-    p.add_argument("--on-exceed", choices=("revert", "fail"), default="revert",
+    p.add_argument("--max-error", type=number(above=0, none=True), default=d("max_error"),
+                   metavar="X", help=f"bound on each output's relative L2 error vs the original "
+                        f"(default {d('max_error'):g}; 'none' disables)")
+    p.add_argument("--on-exceed", choices=("revert", "fail"), default=d("on_exceed"),
                    help="revert: undo the layers that hurt most until the bound holds (default); "
                         "fail: exit 3 and write the result to <output>.rejected.onnx instead")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
                    help="shape for an input with dynamic dims (repeatable)")
-    p.add_argument("--inputs", metavar="NPZ", help=".npz of real inputs keyed by input name")
-    p.add_argument("--calib", metavar="PATH",
+    p.add_argument("--inputs", metavar="NPZ", default=d("inputs"),
+                   help=".npz of real inputs keyed by input name")
+    p.add_argument("--calib", metavar="PATH", default=d("calib"),
                    help="calibration inputs (.npz keyed by input name, first axis = samples, or a "
                         "folder of .npy/.npz): data-aware factorisation; without --inputs, "
                         "verification uses held-out calibration samples")
-    p.add_argument("--calib-samples", type=count(1), default=None, metavar="N",
-                   help="use at most N calibration samples")
-    p.add_argument("--batch", type=count(1), default=1, help="batch size for random inputs (default 1)")
-    p.add_argument("--no-verify", action="store_true",
+    p.add_argument("--calib-samples", type=count(1), default=d("calib_samples"),
+                   metavar="N", help="use at most N calibration samples")
+    p.add_argument("--batch", type=count(1), default=d("batch"),
+                   help=f"batch size for random inputs (default {d('batch')})")
+    p.add_argument("--no-verify", action="store_true", default=not d("verify"),
                    help="do not run ONNX Runtime (needs --max-error none)")
-    p.add_argument("--cp-max-seconds", type=number(above=0), default=60.0,
-                   help="time bound for one CP decomposition (default 60)")
-    p.add_argument("--metric", default=None, metavar="NAME|FILE.py:FN|MODULE:FN",
+    p.add_argument("--cp-max-seconds", type=number(above=0), default=d("cp_max_seconds"),
+                   help=f"time bound for one CP decomposition (default {d('cp_max_seconds'):g})")
+    p.add_argument("--metric", default=d("metric"), metavar="NAME|FILE.py:FN|MODULE:FN",
                    help="judge by what you measure and search every layer's candidates for "
                         "the fastest model within --max-drop: auto (accuracy with labels, "
                         "else top-1 agreement for classifiers, per-channel rel. L2 otherwise), "
                         "accuracy, top1, cosine, rel_l2, channels, or your own function "
                         "(reference, candidate[, labels]) -> score, higher is better")
-    p.add_argument("--max-drop", type=float, default=None, metavar="X",
+    p.add_argument("--max-drop", type=float, default=d("max_drop"), metavar="X",
                    help="largest allowed loss of the --metric score (default: the metric's "
                         "own: 0.01 for accuracy/top1/plug-ins, 0.005 cosine, 0.05 rel_l2/"
                         "channels); implies --metric auto when --metric is not given")
-    p.add_argument("--eval", metavar="NPZ", default=None,
+    p.add_argument("--eval", metavar="NPZ", default=d("evaluate"),
                    help="with --metric: inputs (and 'label') the search never sees; the "
                         "metric of the original and the result on them is reported")
-    p.add_argument("--timing-batch", type=count(1), default=None, metavar="N",
+    p.add_argument("--timing-batch", type=count(1), default=d("timing_batch"), metavar="N",
                    help="with --metric: time layers and the whole model on the first N "
                         "verification samples (default: all of them, at most 64)")
-    p.add_argument("--accept", choices=("error", "latency"), default="error",
+    p.add_argument("--accept", choices=("error", "latency"), default=d("accept"),
                    help="error: keep what meets --max-error (default); latency: also time each "
                         "layer alone and keep it only if faster, and never return a model "
                         "measured slower than the input")
-    p.add_argument("--min-layer-speedup", type=number(above=0), default=1.05, metavar="X",
-                   help="with --accept latency: a layer must run X times faster alone "
-                        "(default 1.05)")
-    p.add_argument("--provider", default="cpu",
-                   help="ONNX Runtime provider for verification and timing: cpu | cuda | "
-                        "tensorrt (default cpu)")
-    p.add_argument("--threads", type=count(1), default=None,
+    p.add_argument("--min-layer-speedup", type=number(above=0), default=d("min_layer_speedup"),
+                   metavar="X",
+                   help=f"with --accept latency: a layer must run X times faster alone "
+                        f"(default {d('min_layer_speedup'):g})")
+    p.add_argument("--provider", default=d("provider"),
+                   help=f"ONNX Runtime provider for verification and timing: cpu | cuda | "
+                        f"tensorrt (default {d('provider')})")
+    p.add_argument("--threads", type=count(1), default=d("threads"),
                    help="intra-op threads for verification and timing (default: ORT's)")
-    p.add_argument("--latency-cache", default="default", metavar="PATH",
+    p.add_argument("--latency-cache", default=d("latency_cache"), metavar="PATH",
                    help="JSON cache of layer timings (default ~/.cache/onnxlr/latency.json; "
                         "'none' keeps it in memory)")
-    p.add_argument("--target-flops", type=number(above=0), default=None, metavar="F",
+    p.add_argument("--target-flops", type=number(above=0), default=d("target_flops"), metavar="F",
                    help="budget: MACs of the candidate layers at most F x before (e.g. 0.5); "
                         "ranks are allocated across layers by measured sensitivity")
-    p.add_argument("--target-speedup", type=number(above=0), default=None, metavar="S",
+    p.add_argument("--target-speedup", type=number(above=0), default=d("target_speedup"),
+                   metavar="S",
                    help="budget: the whole model S times faster (e.g. 2.0), from layer timings")
-    p.add_argument("--no-latency", action="store_true",
+    p.add_argument("--no-latency", action="store_true", default=not d("measure_latency"),
                    help="skip the end-to-end latency measurement at the end")
     p.add_argument("--report", action="append", default=[], metavar="PATH",
                    help="write the report: .json, .md or .html (repeatable)")
-    p.add_argument("--profile", action="store_true",
+    p.add_argument("--profile", action="store_true", default=d("profile"),
                    help="profile each layer's time inside the whole model, original vs result "
                         "(ONNX Runtime profiling), for the report")
     p.add_argument("--recipe", metavar="JSON", default=None,
@@ -206,11 +213,24 @@ def _width() -> int | None:
 _REPORTS = {".json": "to_json", ".md": "to_markdown", ".html": "to_html", ".htm": "to_html"}
 
 
+def options_from_args(args: argparse.Namespace) -> OptimizeOptions:
+    """The ``optimize`` options the parsed ``onnxlr optimize`` flags ask for (validated: a bad
+    combination is an ``OptionError``, one line naming the option)."""
+    shapes = None
+    if args.input_shape:
+        from onnxlr.runtime import parse_input_shapes
+        shapes = parse_input_shapes(args.input_shape)
+    given = {k: getattr(args, k) for k in OPTION_NAMES if hasattr(args, k)}  # same-named flags
+    given.update(layer_ranks=args.layer_rank, verify=not args.no_verify, input_shapes=shapes,
+                 evaluate=args.eval, measure_latency=not args.no_verify and not args.no_latency,
+                 latency_cache=None if args.latency_cache.lower() == "none" else args.latency_cache)
+    return OptimizeOptions(**given)
+
+
 def cmd_optimize(args) -> int:
     from onnxlr.io import same_file, save_model
     from onnxlr.paths import check_optimize, rejected_path
     from onnxlr.pipeline import optimize
-    from onnxlr.runtime import parse_input_shapes
 
     if args.output and args.output_positional and args.output != args.output_positional:
         raise OnnxlrError(f"two outputs given: {args.output_positional} and -o {args.output}")
@@ -230,21 +250,7 @@ def cmd_optimize(args) -> int:
                            calib=args.calib, metric=args.metric, evaluate=args.eval,
                            latency_cache=None if args.latency_cache.lower() in ("none", "default")
                            else args.latency_cache)
-    shapes = parse_input_shapes(args.input_shape) if args.input_shape else None
-    model, report = optimize(
-        args.model, args.method, args.rank, rank_multiple=args.rank_multiple,
-        include=args.include, exclude=args.exclude, layer_ranks=args.layer_rank,
-        max_error=args.max_error, on_exceed=args.on_exceed, verify=not args.no_verify,
-        input_shapes=shapes, inputs=args.inputs, batch=args.batch,
-        cp_max_seconds=args.cp_max_seconds, accept=args.accept,
-        min_layer_speedup=args.min_layer_speedup, provider=args.provider, threads=args.threads,
-        latency_cache=None if args.latency_cache.lower() == "none" else args.latency_cache,
-        measure_latency=not args.no_verify and not args.no_latency,
-        target_flops=args.target_flops, target_speedup=args.target_speedup,
-        calib=args.calib, calib_samples=args.calib_samples, progress=_progress,
-        metric=args.metric, max_drop=args.max_drop, timing_batch=args.timing_batch,
-        evaluate=args.eval,
-        profile=args.profile)
+    model, report = optimize(args.model, options=options_from_args(args), progress=_progress)
     _end_progress()
     print(report.headline() if args.quiet else report.to_text(_width()))
     target = out if report.bound_met is not False else rejected_path(out)

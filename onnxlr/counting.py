@@ -46,6 +46,7 @@ def layer_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> di
     """{node name: MACs} of every layer node, with the inputs at ``shapes``; None when the
     shapes cannot be inferred."""
     from onnxlr.graph import to_graph
+    from onnxlr.records import Declined
     from onnxlr.sites import find_site
 
     fixed = _fixed(model, shapes)
@@ -57,7 +58,7 @@ def layer_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> di
         if node.op not in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
             continue
         site = find_site(node, graph)
-        if not isinstance(site, str) and site.shapes_known:
+        if not isinstance(site, Declined) and site.shapes_known:
             out[node.name] = int(site.macs)
     return out
 

@@ -22,6 +22,11 @@ class OnnxlrError(Exception):
             self.exit_code = exit_code
 
 
+class OptionError(OnnxlrError, ValueError):
+    """A bad option value, or options that exclude each other (``onnxlr.settings``): one line
+    that names the option."""
+
+
 class BoundExceeded(OnnxlrError):
     """The optimised model misses the requested output-error bound."""
 

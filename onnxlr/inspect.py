@@ -31,7 +31,7 @@ class LayerView:
     params: int = 0
     macs: int = 0
     method: str | None = None
-    choices: dict = field(default_factory=dict)   # rule → (ranks, macs ratio) or reason
+    choices: dict = field(default_factory=dict)   # rule → (ranks, macs ratio) or a Declined
     reason: str = ""
 
 
@@ -65,12 +65,12 @@ def inspect_model(model: onnx.ModelProto, method: str = "auto", rules=RULES,
         m = METHODS[view.method]()
         for sel in selectors:
             ranks = m.choose_ranks(site, sel, rank_multiple)
-            if isinstance(ranks, str):
+            if isinstance(ranks, Declined):
                 view.choices[sel.spec] = ranks
                 continue
             params, macs = m.cost(site, ranks)
             if params >= site.params or macs >= site.macs:
-                view.choices[sel.spec] = f"ranks {ranks} save nothing"
+                view.choices[sel.spec] = Declined(f"ranks {ranks} save nothing")
             else:
                 view.choices[sel.spec] = (tuple(ranks), macs / site.macs)
     views += [LayerView(r.name, r.op, r.kind, r.weight_shape, r.params_before, r.macs_before,
@@ -89,8 +89,8 @@ def format_views(views: list[LayerView], rules=RULES) -> str:
             c = v.choices.get(r)
             if c is None:
                 row.append(v.reason or "-")
-            elif isinstance(c, str):
-                row.append("declined: " + c)
+            elif isinstance(c, Declined):
+                row.append("declined: " + c.reason)
             else:
                 row.append(f"{'x'.join(map(str, c[0]))} ({c[1]:.2f}x MACs)")
         rows.append(row)

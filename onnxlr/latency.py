@@ -17,6 +17,7 @@ the rank search of a budget) re-time nothing they have timed before.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,9 +35,6 @@ from onnxlr.passes.factorize import Factorize, FactorizeConfig
 from onnxlr.records import FACTORISED
 
 logger = logging.getLogger(__name__)
-
-#: Default --min-layer-speedup: a replacement must be this much faster alone to be kept.
-DEFAULT_MIN_LAYER_SPEEDUP = 1.05
 
 
 def default_cache_path() -> Path:
@@ -272,10 +270,9 @@ class LayerTimer:
         for the next candidate), as a model, or None; and its record."""
         graph = isolated.copy()
         graph._onnxlr_ir_version = isolated._onnxlr_ir_version  # noqa: SLF001 (see isolate)
-        config = copy.copy(self.config)
-        config.include, config.exclude, config.layer_ranks = [node.name], [], []
-        config.forced_ranks, config.rank_scale = {node.name: ranks}, {}
-        config.forced_methods = {node.name: method} if method else {}
+        config = dataclasses.replace(self.config, include=[node.name], exclude=[], layer_ranks=[],
+                                     forced_ranks={node.name: ranks}, rank_scale={},
+                                     forced_methods={node.name: method} if method else {})
         result = Factorize(config, cache=self.factor_cache)(graph)
         record = result.records[0]
         return (_export(graph) if record.status == FACTORISED else None), record

@@ -1,17 +1,19 @@
-"""``optimize()``: prepare → factorise → verify (back off what breaks the bound) → provenance.
+"""``optimize()``: options → prepare → factorise → verify (back off what breaks the bound) →
+provenance.
 
-The flow follows the house sketch: prepare passes (Constant weights to
-initializers, BatchNorm folding), the factorise pass, then an end-to-end check
-with ONNX Runtime on the same inputs. When the output error exceeds the bound,
+The options come in as one validated, frozen :class:`~onnxlr.settings.OptimizeOptions`
+(keyword arguments build or replace it). The flow follows the house sketch: prepare passes
+(Constant weights to initializers, BatchNorm folding), the factorise pass, then an end-to-end
+check with ONNX Runtime on the same inputs. When the output error exceeds the bound,
 the layer that hurts most on its own is reverted and the check repeats, until
 the bound holds (``on_exceed="revert"``, the default) — or the result is
 handed back marked as failing (``on_exceed="fail"``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import math
 import time
 from typing import Callable
 
@@ -22,41 +24,38 @@ from onnxlr.errors import OnnxlrError
 from onnxlr.graph import to_graph, to_model, type_problem
 from onnxlr.accept import accept_by_latency, end_to_end
 from onnxlr.io import check_model, load_model
-from onnxlr.latency import DEFAULT_MIN_LAYER_SPEEDUP
-from onnxlr.methods import CHANNEL_METHODS, parse_method
 from onnxlr.passes.factorize import Factorize, FactorizeConfig
 from onnxlr.passes.prepare import name_nodes, prepare  # noqa: F401 (public: pipeline.prepare)
-from onnxlr.rank import parse_rank
 from onnxlr.records import FACTORISED, REVERTED, LayerRecord
 from onnxlr.report import Report
+from onnxlr.settings import OptimizeOptions, default, make_options
+from onnxlr.settings import parse_layer_ranks  # noqa: F401 (re-exported: its old home)
 
 logger = logging.getLogger(__name__)
 
-#: Default end-to-end bound: relative L2 error of every output, on the verification inputs.
-DEFAULT_MAX_ERROR = 0.05
+#: Default end-to-end bound: relative L2 error of every output, on the verification inputs
+#: (the ``max_error`` option's default, written in ``onnxlr.settings``).
+DEFAULT_MAX_ERROR = default("max_error")
 #: The metric search judges on half the calibration set (up to 512 samples): a task metric
 #: on a fifth of it (~100 samples) moves in 1-point steps. The refit fits on the other half.
 SEARCH_HOLDOUT = {"holdout_fraction": 0.5, "holdout_cap": 512}
 
 
-def parse_layer_ranks(specs: list[str]) -> list[tuple[str, object]]:
-    """``['conv5*=16', 'fc?=energy:0.9']`` → [(glob, RankSelector)]."""
-    out = []
-    for spec in specs or []:
-        if "=" not in spec:
-            raise OnnxlrError(f"invalid --layer-rank {spec!r}: expected GLOB=RANK, e.g. 'conv5_*=16'")
-        glob, rank = spec.rsplit("=", 1)
-        out.append((glob, parse_rank(rank)))
-    return out
-
-
 class _Builder:
-    """Factorise the prepared model, optionally keeping some layers; factors are cached."""
+    """Factorise the prepared model, optionally keeping some layers; factors are cached.
+
+    The builder owns its (frozen) config: the rooms that re-rank layers (back-off, latency
+    acceptance, budgets) hand it the changed fields through :meth:`reconfigure`.
+    """
 
     def __init__(self, prepared: onnx.ModelProto, config: FactorizeConfig, progress):
         self.prepared, self.config, self.progress = prepared, config, progress
         self.cache: dict = {}
         self.make_pass = Factorize  # --method prune/thin: onnxlr.passes.prune sets its pass
+
+    def reconfigure(self, **changes) -> None:
+        """From now on build with a copy of the config with ``changes`` (dataclasses.replace)."""
+        self.config = dataclasses.replace(self.config, **changes)
 
     def __call__(self, keep: dict[str, str]) -> tuple[onnx.ModelProto, list[LayerRecord]]:
         graph = to_graph(self.prepared)
@@ -65,159 +64,82 @@ class _Builder:
         return to_model(graph, self.prepared), result.records
 
 
-def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vbmf", *,
-             rank_multiple: int = 1, include: list[str] | None = None,
-             exclude: list[str] | None = None, layer_ranks: list[str] | None = None,
-             max_error: float | None = DEFAULT_MAX_ERROR, on_exceed: str = "revert",
-             verify: bool = True, input_shapes: dict | None = None, inputs: str | None = None,
-             batch: int = 1, seed: int = 0, cp_max_seconds: float = 60.0,
-             accept: str = "error", min_layer_speedup: float = DEFAULT_MIN_LAYER_SPEEDUP,
-             provider: str = "cpu", threads: int | None = None,
-             latency_cache: str | None = "default", measure_latency: bool = True,
-             target_flops: float | None = None, target_speedup: float | None = None,
-             profile: bool = False,
-             calib=None, calib_samples: int | None = None,
-             metric=None, max_drop: float | None = None, timing_batch: int | None = None,
-             evaluate: str | None = None,
-             progress: Callable | None = None) -> tuple[onnx.ModelProto, Report]:
+def optimize(model: onnx.ModelProto | str, method: str | OptimizeOptions | None = None,
+             rank: str | None = None, *, options: OptimizeOptions | None = None,
+             progress: Callable | None = None, **overrides) -> tuple[onnx.ModelProto, Report]:
     """Factorise a model's layers and check the result against the original.
 
     Args:
         model: a ModelProto or a path to a ``.onnx`` file.
-        method: method spec, e.g. ``auto``, ``tucker``, ``cp``, ``svd``, ``auto,conv=cp``.
-        rank: rank rule: ``32``, ``0.25``, ``energy:0.95`` or ``vbmf``.
-        rank_multiple: round ranks up to a multiple of this (8 or 16 suit most hardware).
-        include, exclude: node-name globs selecting the layers to factorise.
-        layer_ranks: ``GLOB=RANK`` overrides of the rank rule for matching layers.
-        max_error: bound on every output's relative L2 error (None: no bound).
-        on_exceed: ``revert`` backs off layers until the bound holds; ``fail``
-            returns the result with ``report.bound_met`` False.
-        verify: run original and result with ONNX Runtime (needed for a bound).
-        input_shapes: ``{input name: shape}`` for dynamic dims.
-        inputs: ``.npz`` of real inputs keyed by input name, instead of random ones.
-        batch: batch size for a dynamic leading dim of random inputs.
-        cp_max_seconds: time bound for one CP decomposition.
-        accept: ``error`` keeps what meets the error bound; ``latency`` also times
-            each factorised layer alone on ``provider`` and keeps it only if it is at
-            least ``min_layer_speedup`` times faster, and returns the input model
-            unchanged if the whole result is not measured faster.
-        provider, threads: ONNX Runtime provider (cpu | cuda | tensorrt) and intra-op
-            threads for verification and latency.
-        latency_cache: JSON file of layer timings (``default``: ~/.cache/onnxlr,
-            None: in memory only).
-        measure_latency: time original and result end to end at the end (needs verify).
-        target_flops, target_speedup: a global budget (one of them): MACs of the candidate
-            layers at most this fraction of before, or the whole model this many times faster.
-            Ranks are then allocated across layers by measured sensitivity (``onnxlr.budget``)
-            instead of the rank rule; ``max_error`` still bounds the result.
-        profile: ORT-profile each layer inside the whole model, original vs result
-            (``report.profile``).
-        calib: calibration inputs (a ``.npz``, a folder of ``.npy``/``.npz``, or an iterable
-            of feed dicts; see ``onnxlr.calib``): the layers' input statistics are captured
-            once and the methods become data-aware (whitened SVD ranks and truncation, least-
-            squares refit of Tucker/CP's last stage; ``onnxlr.linalg.whiten``). Without
-            ``inputs``, verification runs on held-out calibration samples (the last fifth,
-            at most 256; random inputs when fewer than 10), as ``report.verify_inputs`` says.
-        calib_samples: use at most this many calibration samples.
-        metric, max_drop: judge by what the user measures (``onnxlr.search``): a built-in
-            name (``auto``, ``accuracy``, ``top1``, ``cosine``, ``rel_l2``, ``channels``),
-            ``file.py:function``, ``module:function`` or a callable ``(reference, candidate
-            [, labels]) -> score``; ``max_drop`` bounds the score's loss (default: the
-            metric's own). Either one switches to the global search: every layer's ladder of
-            candidates measured alone, scored in one gated ONNX Runtime session, allocated
-            greedily and checked end to end; ``max_error`` and the rank rule are then not
-            used, ``target_flops``/``target_speedup`` become the search's objective.
-        timing_batch: the batch layers and the whole model are timed at in the search
-            (default: the verification inputs' batch, at most 64).
-        evaluate: ``.npz`` of held-out inputs (and ``label``) the search never sees: the
-            metric of the original and the result on them goes into ``report.search``.
+        method, rank: the method and rank specs (``optimize(model, "tucker", "0.5")``), as
+            the ``method``/``rank`` options; or ``method`` is the whole
+            :class:`~onnxlr.settings.OptimizeOptions` (``optimize(model, opts)``).
+        options: the options (default: every default); keyword arguments replace fields of
+            it, so ``optimize(model, max_error=None, verify=False)`` and
+            ``optimize(model, options=opts, batch=4)`` both work. What each option means and
+            its default: :class:`~onnxlr.settings.OptimizeOptions`.
+        progress: called with (index, total, label) as the work goes on.
+
+    Raises:
+        TypeError: a keyword that is no option (the message names it).
+        OptionError: a bad value or options that exclude each other (a ``ValueError`` and an
+            ``OnnxlrError``; the message names the option).
 
     Returns:
         The optimised model and a :class:`Report` of every candidate layer.
     """
     t0 = time.perf_counter()
-    if on_exceed not in ("revert", "fail"):
-        raise OnnxlrError(f"invalid on_exceed {on_exceed!r}: choose revert or fail")
-    if max_error is not None and not max_error > 0:
-        raise OnnxlrError(f"invalid --max-error {max_error}: must be > 0")
-    if max_error is not None and not verify:
-        raise OnnxlrError("--max-error needs verification: drop --no-verify or use --max-error none")
-    if rank_multiple < 1:
-        raise OnnxlrError(f"invalid --rank-multiple {rank_multiple}: must be >= 1")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise OnnxlrError(f"invalid --batch {batch}: must be an integer >= 1")
-    if not (isinstance(cp_max_seconds, (int, float)) and math.isfinite(cp_max_seconds)
-            and cp_max_seconds > 0):
-        raise OnnxlrError(f"invalid --cp-max-seconds {cp_max_seconds}: must be a finite "
-                          f"number > 0")
-    if accept not in ("error", "latency"):
-        raise OnnxlrError(f"invalid --accept {accept!r}: choose error or latency")
-    if accept == "latency" and not verify:
-        raise OnnxlrError("--accept latency measures with ONNX Runtime: drop --no-verify")
-    if not min_layer_speedup > 0:
-        raise OnnxlrError(f"invalid --min-layer-speedup {min_layer_speedup}: must be > 0")
-    budgeted = target_flops is not None or target_speedup is not None
-    searched = metric is not None or max_drop is not None
-    if timing_batch is not None and not (isinstance(timing_batch, int) and timing_batch >= 1):
-        raise OnnxlrError(f"invalid --timing-batch {timing_batch}: must be an integer >= 1")
-    if evaluate is not None and not searched:
-        raise OnnxlrError("--eval reports the --metric on held-out inputs: give --metric too")
-    if searched:
-        from onnxlr.search.metrics import check_max_drop
-        check_max_drop(max_drop)
-        if not verify:
-            raise OnnxlrError("--metric/--max-drop are checked with ONNX Runtime: drop --no-verify")
-        if method.strip() in CHANNEL_METHODS:
-            raise OnnxlrError(f"--metric searches factorisations; --method {method.strip()} is "
-                              f"not one of its methods yet (use --rank/--max-error with it)")
-        max_error = None  # the metric is the bound
-    if target_flops is not None and target_speedup is not None:
-        raise OnnxlrError("give one budget: --target-flops or --target-speedup, not both")
-    if profile and not verify:
-        raise OnnxlrError("--profile runs ONNX Runtime: drop --no-verify")
-    if budgeted and not verify:
-        raise OnnxlrError("a budget is allocated from measurements: drop --no-verify")
-    config = FactorizeConfig(methods=parse_method(method), rank=parse_rank(rank),
-                             rank_multiple=rank_multiple, include=list(include or []),
-                             exclude=list(exclude or []),
-                             layer_ranks=parse_layer_ranks(layer_ranks or []),
-                             cp_max_seconds=cp_max_seconds)
+    if isinstance(method, OptimizeOptions):
+        if options is not None:
+            raise TypeError("optimize() got the options twice: positionally and as options=")
+        options, method = method, None
+    given = {k: v for k, v in (("method", method), ("rank", rank)) if v is not None}
+    o = make_options(options, **given, **overrides)
+    verify, calib = o.verify, o.calib
+    searched, budgeted, target_flops = o.searched, o.budgeted, o.target_flops
+    max_error = None if searched else o.max_error  # with a metric, the metric is the bound
+    config = FactorizeConfig(methods=dict(o.method_plan), rank=o.rank_rule,
+                             rank_multiple=o.rank_multiple, include=list(o.include),
+                             exclude=list(o.exclude), layer_ranks=list(o.layer_rank_rules),
+                             cp_max_seconds=o.cp_max_seconds)
     source = model if isinstance(model, str) else None
     original = load_model(model) if isinstance(model, str) else model
     build = _Builder(prepare(original), config, progress)
     heldout = None
-    if method.strip() in CHANNEL_METHODS:  # --- prune/thin: a channel pass replaces Factorize
+    if o.channel_method:  # --- prune/thin: a channel pass replaces Factorize
         from onnxlr.passes.channel_setup import setup_channel_method
-        heldout = setup_channel_method(build, method.strip(), calib,
-                                       holdout=verify and inputs is None,
-                                       max_samples=calib_samples, seed=seed, provider=provider,
-                                       target_flops=target_flops, accept=accept)
+        heldout = setup_channel_method(build, o.channel_method, calib,
+                                       holdout=verify and o.inputs is None,
+                                       max_samples=o.calib_samples, seed=o.seed,
+                                       provider=o.provider, target_flops=target_flops,
+                                       accept=o.accept)
         target_flops, budgeted = None, False  # a MAC target is the pass's own (one keep fraction)
     elif calib is not None:  # data-aware: layer input statistics before the first build
         from onnxlr.activations import calibrate
         from onnxlr.calib import load_calibration
-        calib = load_calibration(calib, build.prepared, max_samples=calib_samples)  # read once
-        heldout = calibrate(build.prepared, config, calib, holdout=verify and inputs is None,
-                            max_samples=calib_samples, seed=seed, provider=provider,
-                            progress=progress,
-                            **(SEARCH_HOLDOUT if searched else {}))
+        calib = load_calibration(calib, build.prepared, max_samples=o.calib_samples)  # read once
+        build.config, heldout = calibrate(build.prepared, config, calib,
+                                          holdout=verify and o.inputs is None,
+                                          max_samples=o.calib_samples, seed=o.seed,
+                                          provider=o.provider, progress=progress,
+                                          **(SEARCH_HOLDOUT if searched else {}))
     keep: dict[str, str] = {}
     result, records = (None, []) if budgeted or searched else build(keep)
-    report = Report(source=source, method=method, rank=rank, rank_multiple=rank_multiple,
+    report = Report(source=source, method=o.method, rank=o.rank, rank_multiple=o.rank_multiple,
                     max_error=max_error, records=records,
-                    accept="search" if searched else accept)
+                    accept="search" if searched else o.accept)
     if verify:
         from onnxlr.verify import VerificationUnavailable, Verifier  # lazy: imports onnxruntime
         try:
-            verifier = Verifier(original, input_shapes=input_shapes,
-                                npz=heldout.path if heldout else inputs, batch=batch,
-                                seed=seed, max_error=max_error, provider=provider)
+            verifier = Verifier(original, input_shapes=o.input_shapes,
+                                npz=heldout.path if heldout else o.inputs, batch=o.batch,
+                                seed=o.seed, max_error=max_error, provider=o.provider)
         except VerificationUnavailable as exc:
             # ORT cannot run the model: fine only when nothing was asked that needs a run
             # (the end-to-end timing is then skipped, not an error)
             if heldout:
                 heldout.cleanup()
-            if max_error is not None or budgeted or accept == "latency" or profile:
+            if max_error is not None or budgeted or o.accept == "latency" or o.profile:
                 raise
             logger.warning("%s", exc)
             report.verify_inputs, verify = str(exc), False
@@ -225,46 +147,46 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
         if heldout:
             verifier.description = heldout.description
             heldout.cleanup()
-        timer = _timer(build, provider, threads, latency_cache)
+        timer = _timer(build, o.provider, o.threads, o.latency_cache)
         if searched:
             from onnxlr.search.run import search
             timer.seconds_per_pair = 0.3
             result, records, comparison, report.search, report.latency = search(
-                build, verifier, original, timer, metric=metric, max_drop=max_drop,
-                target_flops=target_flops, target_speedup=target_speedup, progress=progress,
-                timing_batch=timing_batch, evaluate=evaluate,
-                fit_batches=_fit_batches(build.prepared, calib, calib_samples, heldout))
+                build, verifier, original, timer, metric=o.metric, max_drop=o.max_drop,
+                target_flops=target_flops, target_speedup=o.target_speedup, progress=progress,
+                timing_batch=o.timing_batch, evaluate=o.evaluate,
+                fit_batches=_fit_batches(build.prepared, calib, o.calib_samples, heldout))
             report.records, report.comparison = records, comparison
-            if report.latency is None and measure_latency:
+            if report.latency is None and o.measure_latency:
                 report.latency = end_to_end(original, result, verifier.feeds,
-                                            provider=provider, threads=threads)
+                                            provider=o.provider, threads=o.threads)
         elif budgeted:
             result, records = _allocate(build, verifier, keep, report, timer, original,
                                         target_flops=target_flops,
-                                        target_speedup=target_speedup, progress=progress)
+                                        target_speedup=o.target_speedup, progress=progress)
         if not searched:
             comparison = verifier.compare(result)
-            if max_error is not None and not comparison and on_exceed == "revert":
+            if max_error is not None and not comparison and o.on_exceed == "revert":
                 result, records, comparison = _back_off(build, verifier, records, comparison, keep)
                 if report.budget is not None:
                     report.budget["backed_off"] = True
-            if accept == "latency":
+            if o.accept == "latency":
                 result, records, comparison = _accept_latency(
-                    build, verifier, records, keep, timer, min_layer_speedup=min_layer_speedup,
-                    on_exceed=on_exceed)
+                    build, verifier, records, keep, timer,
+                    min_layer_speedup=o.min_layer_speedup, on_exceed=o.on_exceed)
             report.records, report.comparison = records, comparison
-            if measure_latency or accept == "latency":
-                report.latency = end_to_end(original, result, verifier.feeds, provider=provider,
-                                            threads=threads)
-                if accept == "latency" and report.latency["speedup"] < 1.0:
+            if o.measure_latency or o.accept == "latency":
+                report.latency = end_to_end(original, result, verifier.feeds,
+                                            provider=o.provider, threads=o.threads)
+                if o.accept == "latency" and report.latency["speedup"] < 1.0:
                     result, report = _give_back(original, report)
                     report.comparison = verifier.compare(result)
         if report.budget is not None:
             _settle_budget(report)
-        if profile:
+        if o.profile:
             from onnxlr.profiling import compare_profiles  # lazy: imports onnxruntime
             report.profile = compare_profiles(original, result, verifier.feeds,
-                                              provider=provider, threads=threads,
+                                              provider=o.provider, threads=o.threads,
                                               layers=[r.name for r in report.records])
         report.accuracy = verifier.accuracies(result)
         report.verify_inputs = verifier.description
@@ -338,7 +260,7 @@ def _allocate(build: _Builder, verifier, keep, report: Report, timer, original, 
                                  model_ms=model_ms)
     account["model_ms_before"] = model_ms
     report.budget = account
-    build.config.forced_ranks.update(ranks)
+    build.reconfigure(forced_ranks={**build.config.forced_ranks, **ranks})
     for rec in layers:
         if rec.name not in ranks:
             keep[rec.name] = "budget: the target was met without this layer"
@@ -417,10 +339,10 @@ def _back_off(build: _Builder, verifier, records, comparison, keep):
     solo = {r.name: alone(r.name)[0] for r in records if r.status == FACTORISED}
     measured = dict(solo)
     reverted: dict[str, str] = {}
-    scale = build.config.rank_scale
     while not comparison and solo:
         worst = max(solo, key=solo.get)
-        scale[worst] = scale.get(worst, 1.0) * 2
+        scale = build.config.rank_scale
+        build.reconfigure(rank_scale={**scale, worst: scale.get(worst, 1.0) * 2})
         error, rec = alone(worst)
         if rec.ranks is not None:
             first[worst] = rec  # report the ranks last tried, not the first ones

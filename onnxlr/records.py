@@ -12,11 +12,12 @@ REVERTED = "reverted"
 
 
 class Declined(str):
-    """Why a layer is not a candidate: the reason, as a person reads it.
+    """Why a layer is not a candidate (``sites.find_site``) or why a method finds no useful
+    ranks for it (``Method.choose_ranks``): the reason, as a person reads it.
 
-    A ``str`` subclass on purpose: the rooms that still tell a decline by
-    ``isinstance(x, str)`` (``search/``, ``passes/prune.py``) keep working while the others
-    ask ``isinstance(x, Declined)``; the reason goes into ``LayerRecord.reason`` unchanged.
+    Callers tell a decline by ``isinstance(x, Declined)``, never by ``isinstance(x, str)``.
+    It is a ``str`` subclass so that the reason reads as text wherever it is shown;
+    ``reason`` is the plain string a ``LayerRecord.reason`` stores.
     """
 
     __slots__ = ()

@@ -26,7 +26,7 @@ from onnxlr.methods import METHODS, parse_method
 from onnxlr.methods.fastfood import FastfoodGraph, stage_sizes
 from onnxlr.pipeline import optimize
 from onnxlr.rank import FixedRank
-from onnxlr.records import FACTORISED, REVERTED
+from onnxlr.records import FACTORISED, REVERTED, Declined
 from onnxlr.sites import find_site
 
 TRANSFORM_OPS = {"Reshape", "Slice", "Add", "Sub", "Concat", "MatMul", "Transpose"}
@@ -48,7 +48,7 @@ def rewrite(model, method="fastfood", ranks=(0,), stats=None, unknown_rank=False
     if unknown_rank:
         node.inputs[0].shape = None
     site = find_site(node, graph)
-    assert not isinstance(site, str), site
+    assert not isinstance(site, Declined), site
     m = METHODS[method](**kw)
     factors = m.decompose(site, ranks, stats=stats)
     cost = m.cost(site, ranks)

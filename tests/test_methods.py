@@ -17,6 +17,7 @@ from numpy_ref import conv_nd, gemm
 
 from onnxlr.graph import NameScope, to_graph, to_model
 from onnxlr.methods import METHODS
+from onnxlr.records import Declined
 from onnxlr.sites import find_site
 
 
@@ -25,7 +26,7 @@ def rewrite(model, method, ranks):
     graph = to_graph(model)
     node = next(n for n in graph.nodes if n.op in ("Gemm", "MatMul", "Conv"))
     site = find_site(node)
-    assert not isinstance(site, str), site
+    assert not isinstance(site, Declined), site
     m = METHODS[method]()
     factors = m.decompose(site, ranks)
     m.build(graph, site, factors, NameScope(graph))
@@ -207,8 +208,8 @@ def test_fp16_weights_written_back_in_fp16(rng):
 
 
 def test_find_site_declines_with_a_typed_reason(rng):
-    """A node that is no candidate comes back as a Declined (a str, so the rooms still testing
-    ``isinstance(site, str)`` see it too) carrying the reason; a candidate as a LayerSite."""
+    """A node that is no candidate comes back as a Declined (a str subclass, so its text reads
+    as the reason) carrying the reason; a candidate as a LayerSite."""
     from onnxlr.records import Declined
     from onnxlr.sites import LayerSite
 
@@ -219,3 +220,33 @@ def test_find_site_declines_with_a_typed_reason(rng):
     assert declined.reason == "grouped convolution (group=2) is not factorised"
     plain = to_graph(conv_model(w[:, :1].repeat(4, axis=1)))
     assert isinstance(find_site(plain.nodes[0], plain), LayerSite)
+
+
+def test_choose_ranks_declines_with_a_typed_reason(rng):
+    """Every built-in method's ``choose_ranks`` says no with a :class:`Declined` (not a bare
+    string), and the factorise pass records its reason."""
+    from onnxlr.passes.factorize import Factorize, FactorizeConfig
+    from onnxlr.rank import FixedRank, RatioRank, VbmfRank
+    from onnxlr.records import Declined
+
+    noise = find_site(to_graph(gemm_model(rng.standard_normal((64, 64)).astype(np.float32),
+                                          a_shape=(1, 64))).nodes[0])
+    declined = METHODS["svd"]().choose_ranks(noise, VbmfRank(), 1)
+    assert isinstance(declined, Declined) and "rank 0" in declined.reason
+    conv = find_site(to_graph(conv_model(rng.standard_normal((6, 4, 3, 3)).astype(np.float32)))
+                     .nodes[0])
+    for name in ("tucker", "cp"):
+        declined = METHODS[name]().choose_ranks(conv, RatioRank(1.0), 1)
+        assert isinstance(declined, Declined) and "full rank" in declined.reason, name
+    big = find_site(to_graph(gemm_model(np.zeros((5000, 3), np.float32), a_shape=(1, 5000)))
+                    .nodes[0])
+    for name in ("fastfood", "fastfood_svd"):
+        declined = METHODS[name]().choose_ranks(big, FixedRank(1), 1)
+        assert isinstance(declined, Declined) and "limit" in declined.reason, name
+    assert not isinstance(METHODS["tucker"]().choose_ranks(conv, RatioRank(0.5), 1), Declined)
+
+    graph = to_graph(conv_model(rng.standard_normal((6, 4, 3, 3)).astype(np.float32)))
+    config = FactorizeConfig(methods={"conv": "tucker"}, rank=RatioRank(1.0))
+    (record,) = Factorize(config)(graph).records
+    assert record.status == "declined" and "full rank" in record.reason
+    assert type(record.reason) is str  # the record holds the plain reason, not the type

@@ -162,3 +162,22 @@ def test_inspect_does_not_import_onnxruntime(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "conv2" in done.stdout and "vbmf" in done.stdout
+
+
+def test_the_factorise_config_is_frozen_and_the_builder_reconfigures_a_copy():
+    """Nothing writes into a FactorizeConfig another room holds: the back-off, latency
+    acceptance and budgets hand the builder new fields, and it builds from a replaced copy."""
+    import dataclasses
+
+    from onnxlr.passes.factorize import FactorizeConfig
+    from onnxlr.pipeline import _Builder, prepare
+    from onnxlr.rank import parse_rank
+
+    config = FactorizeConfig(methods={"conv": "tucker"}, rank=parse_rank("0.5"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.rank_scale = {"conv1": 2.0}
+    build = _Builder(prepare(tiny_cnn()), config, None)
+    build.reconfigure(rank_scale={"conv1": 2.0}, forced_ranks={"conv2": (2, 2)})
+    assert config.rank_scale == {} and config.forced_ranks == {}
+    assert build.config.rank_scale == {"conv1": 2.0} and build.config.forced_ranks == {"conv2": (2, 2)}
+    assert build.config.rank is config.rank

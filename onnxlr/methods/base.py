@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import NameScope
 from onnxlr.rank import RankSelector, round_rank
+from onnxlr.records import Declined
 from onnxlr.sites import LayerSite
 
 
@@ -59,8 +60,9 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def choose_ranks(self, site: LayerSite, selector: RankSelector,
-                     multiple: int) -> tuple[int, ...] | str:
-        """Ranks for this site, or the reason no useful rank exists."""
+                     multiple: int) -> tuple[int, ...] | Declined:
+        """Ranks for this site, or a :class:`~onnxlr.records.Declined` saying why no useful
+        rank exists (callers test ``isinstance(x, Declined)``)."""
 
     @abc.abstractmethod
     def full_ranks(self, site: LayerSite) -> tuple[int, ...]:

@@ -32,6 +32,7 @@ from onnxlr.linalg.whiten import LayerStats, output_error, refit_last
 from onnxlr.methods.svd import shifted_bias
 from onnxlr.methods.tucker import TuckerMethod, mode_ranks
 from onnxlr.rank import FixedRank, RankSelector
+from onnxlr.records import Declined
 from onnxlr.sites import LayerSite
 
 
@@ -78,14 +79,14 @@ class CpMethod(Method):
         else:
             tucker = mode_ranks(site, selector, multiple, stats)
             if tucker == (t, s):
-                return (f"rank rule '{selector.spec}' kept both channel modes at full rank: "
-                        f"nothing to gain")
+                return Declined(f"rank rule '{selector.spec}' kept both channel modes at full "
+                                f"rank: nothing to gain")
             budget = TuckerMethod().cost(site, tucker)[1]
             rank = budget // max(self.cost(site, (1,))[1], 1)
             if multiple > 1 and rank >= multiple:
                 rank -= rank % multiple  # round down: rounding up would overshoot the budget
         if rank < 1:
-            return f"rank rule '{selector.spec}' leaves no CP rank within the budget"
+            return Declined(f"rank rule '{selector.spec}' leaves no CP rank within the budget")
         return (int(rank),)
 
     def full_ranks(self, site: LayerSite):

@@ -53,6 +53,7 @@ from onnxlr.methods.base import Factors, Method, bias_params, constant, detach, 
     select_rank
 from onnxlr.methods.svd import linear_map
 from onnxlr.rank import RankSelector
+from onnxlr.records import Declined
 from onnxlr.sites import LayerSite
 
 #: Kronecker stages of at most 16 by default: one D=512 transform ran in 36 µs (1 row) and
@@ -122,11 +123,11 @@ class FastfoodMethod(Method):
         self.radix, self.sweeps, self.seed = radix, sweeps, seed
         self._fits: dict = {}   # fits made while choosing ranks, reused by decompose
 
-    def _decline(self, site: LayerSite) -> str | None:
+    def _decline(self, site: LayerSite) -> Declined | None:
         d = site.matrix.shape[0]
         if next_pow2(d) > MAX_DIM:
-            return (f"input size {d} pads to {next_pow2(d)}, over the Fastfood fit's limit "
-                    f"{MAX_DIM} (it holds D×D float64 matrices)")
+            return Declined(f"input size {d} pads to {next_pow2(d)}, over the Fastfood fit's "
+                            f"limit {MAX_DIM} (it holds D×D float64 matrices)")
         return None
 
     def choose_ranks(self, site: LayerSite, selector: RankSelector, multiple: int,

@@ -31,6 +31,7 @@ from onnxlr.linalg.whiten import LayerStats, whitened_spectrum, whitened_svd
 from onnxlr.methods.base import (Factors, Method, bias_params, conv_attrs, constant, detach,
                                  new_node, ones, select_rank)
 from onnxlr.rank import RankSelector
+from onnxlr.records import Declined
 from onnxlr.sites import LayerSite
 
 
@@ -66,8 +67,8 @@ class SvdMethod(Method):
             spectrum = singular_values(site.matrix)
         k = select_rank(selector, spectrum, m, n, multiple)
         if k == 0:
-            return (f"rank rule '{selector.spec}' chose rank 0 (no singular value above the "
-                    f"noise level): layer kept rather than removed")
+            return Declined(f"rank rule '{selector.spec}' chose rank 0 (no singular value "
+                            f"above the noise level): layer kept rather than removed")
         return (k,)
 
     def full_ranks(self, site: LayerSite):

@@ -39,6 +39,7 @@ from onnxlr.methods.base import (Factors, Method, bias_params, conv_attrs, const
                                  kernel_size, new_node, ones, select_rank)
 from onnxlr.methods.svd import shifted_bias
 from onnxlr.rank import RankSelector
+from onnxlr.records import Declined
 from onnxlr.sites import LayerSite
 
 
@@ -161,8 +162,8 @@ class TuckerMethod(Method):
         r_out, r_in = mode_ranks(site, selector, multiple, stats)
         t, s = site.weight.shape[:2]
         if r_out == t and r_in == s:
-            return (f"rank rule '{selector.spec}' kept both channel modes at full rank "
-                    f"({t}, {s}): nothing to gain")
+            return Declined(f"rank rule '{selector.spec}' kept both channel modes at full "
+                            f"rank ({t}, {s}): nothing to gain")
         return (r_out, r_in)
 
     def full_ranks(self, site: LayerSite):

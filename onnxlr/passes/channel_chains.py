@@ -26,6 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxlr.graph import NameScope, constant_value, is_graph_output, static_shape
+from onnxlr.records import Declined
 from onnxlr.sites import find_site
 
 CANDIDATE_OPS = ("Gemm", "MatMul", "Conv")
@@ -98,8 +99,8 @@ def _const_axis(shape: tuple, rank: int | None, channel_first: bool, channels: i
 def _producer(node: gs.Node, graph: gs.Graph) -> tuple[int, bool] | str:
     """(output channels, channel-first) of a layer whose output channels can be removed."""
     site = find_site(node, graph)
-    if isinstance(site, str):
-        return site
+    if isinstance(site, Declined):
+        return site.reason
     if node.op == "Conv":
         return int(site.weight.shape[0]), True
     if node.op == "Gemm":
@@ -121,8 +122,8 @@ def _consumer(node: gs.Node, t: gs.Tensor, chain: ChannelChain, spatial: int | N
     if node.inputs[0] is not t:
         return f"'{t.name}' is not the data input of {where}"
     site = find_site(node, graph)
-    if isinstance(site, str):
-        return f"{where} cannot be rewritten: {site}"
+    if isinstance(site, Declined):
+        return f"{where} cannot be rewritten: {site.reason}"
     if node.op == "Conv":
         if int(node.attrs.get("group", 1)) != 1:  # find_site declines these already
             return f"{where} is a grouped conv"

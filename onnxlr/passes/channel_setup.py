@@ -35,8 +35,8 @@ def setup_channel_method(build, method: str, calib: Any, *, holdout: bool,
     heldout, source = None, None
     if calib is not None:
         no_stats = dataclasses.replace(build.config, methods=dict.fromkeys(build.config.methods))
-        heldout = calibrate(build.prepared, no_stats, calib, holdout=holdout,
-                            max_samples=max_samples, seed=seed, provider=provider)
+        _, heldout = calibrate(build.prepared, no_stats, calib, holdout=holdout,
+                               max_samples=max_samples, seed=seed, provider=provider)
         source = load_calibration(calib, build.prepared, max_samples=max_samples)
         if heldout is not None:
             source = source.split(_holdout_size(source))[0]

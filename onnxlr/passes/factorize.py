@@ -29,9 +29,14 @@ logger = logging.getLogger(__name__)
 CANDIDATE_OPS = ("Gemm", "MatMul", "Conv")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FactorizeConfig:
-    """What to factorise and how; see ``onnxlr.pipeline.optimize`` for the meaning of each field."""
+    """What to factorise and how; see ``onnxlr.pipeline.optimize`` for the meaning of each field.
+
+    Frozen: a room that wants other ranks, methods or layers builds a new config with
+    ``dataclasses.replace`` (``optimize``'s builder through its ``reconfigure``), never writes
+    into one another room holds. Its dicts and lists are not written after construction either.
+    """
 
     methods: dict[str, str | None]
     rank: RankSelector
@@ -40,7 +45,7 @@ class FactorizeConfig:
     exclude: list[str] = field(default_factory=list)
     layer_ranks: list[tuple[str, RankSelector]] = field(default_factory=list)
     cp_max_seconds: float = 60.0
-    rank_scale: dict[str, float] = field(default_factory=dict)  # set by the error-bound back-off
+    rank_scale: dict[str, float] = field(default_factory=dict)  # from the error-bound back-off
     #: exact ranks per layer name, chosen by a search (latency acceptance, budgets); wins over
     #: the rank rule and ``rank_scale``
     forced_ranks: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -156,8 +161,8 @@ class Factorize(Pass):
             ranks = (method.choose_ranks(site, selector, self.config.rank_multiple, stats=stats)
                      if stats is not None else
                      method.choose_ranks(site, selector, self.config.rank_multiple))
-        if isinstance(ranks, str):
-            record.reason = ranks
+        if isinstance(ranks, Declined):
+            record.reason = ranks.reason
             return record
         if node.name in self.config.rank_scale:
             ranks = method.scale_ranks(site, tuple(ranks), self.config.rank_scale[node.name])

@@ -45,7 +45,7 @@ from onnxlr.passes.channel_chains import (  # noqa: F401 (re-exported: the old h
     _set_consumer, chain_into, consumer_weight, producer_rows, rewrite, trace_chain)
 from onnxlr.passes.base import Pass, PassResult
 from onnxlr.rank import FixedRank, RankSelector, RatioRank, round_rank
-from onnxlr.records import FACTORISED, LayerRecord
+from onnxlr.records import FACTORISED, Declined, LayerRecord
 from onnxlr.sites import find_site
 
 logger = logging.getLogger(__name__)
@@ -180,8 +180,8 @@ class ChannelPass(Pass):
     def _plan(self, graph: gs.Graph, node: gs.Node, before: dict, units: dict) -> LayerRecord:
         record = LayerRecord(name=node.name, op=node.op)
         site = find_site(node, graph)
-        if isinstance(site, str):
-            record.reason = site
+        if isinstance(site, Declined):
+            record.reason = site.reason
             return record
         record.kind, record.weight_shape = site.kind, tuple(int(d) for d in site.weight.shape)
         record.params_before = record.params_after = site.params
@@ -370,7 +370,7 @@ class ChannelPass(Pass):
 
 def _cost(node: gs.Node) -> tuple[int, int]:
     site = find_site(node)
-    return (0, 0) if isinstance(site, str) else (site.params, site.macs)
+    return (0, 0) if isinstance(site, Declined) else (site.params, site.macs)
 
 
 def _ancestors(tensor: gs.Tensor) -> set[str]:

@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 from onnxlr import runtime
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import NameScope, to_graph, to_model
+from onnxlr.records import Declined
 from onnxlr.sites import find_site
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class GatedModel:
             if not opts:
                 continue
             site = find_site(node, graph)
-            if isinstance(site, str):
+            if isinstance(site, Declined):
                 raise OnnxlrError(f"layer {node.name!r} cannot be gated: {site}")
             y = node.outputs[0]
             original = gs.Variable(names(f"{y.name}/original"), dtype=y.dtype)

@@ -19,6 +19,7 @@ from onnxlr.budget import ranks_for_macs, selected_layers
 from onnxlr.latency import LayerTimer, layer_nodes_and_inputs
 from onnxlr.methods import METHODS
 from onnxlr.search.gated import Option
+from onnxlr.records import Declined
 from onnxlr.sites import find_site
 
 logger = logging.getLogger(__name__)
@@ -133,8 +134,8 @@ def build_ladders(build, feeds, timer: LayerTimer, *, multiple: int = 8, levels=
         if node is None:
             continue
         site = find_site(node, graph)
-        if isinstance(site, str):
-            empty[rec.name] = site
+        if isinstance(site, Declined):
+            empty[rec.name] = site.reason
             continue
         if rec.macs_before < MIN_MAC_SHARE * total:
             empty[rec.name] = (f"{100 * rec.macs_before / total:.2g}% of the candidate layers' "

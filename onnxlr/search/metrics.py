@@ -275,9 +275,3 @@ def resolve_metric(spec, reference: Outputs, labels) -> Metric:
         raise OnnxlrError(f"metric {metric.name!r} needs labels: the inputs have no integer "
                           f"'label' array")
     return metric
-
-
-def check_max_drop(value: float | None) -> None:
-    if value is not None and not (math.isfinite(value) and 0 <= value < 1e6):
-        raise OnnxlrError(f"invalid --max-drop {value}: must be a finite number >= 0")
-

@@ -45,6 +45,7 @@ from onnxlr.passes.channel_chains import (CANDIDATE_OPS, ChannelChain, _set_cons
                                           chain_into, consumer_weight, rewrite)
 from onnxlr.passes.prune import MAX_FEATURES
 from onnxlr.rank import round_rank
+from onnxlr.records import Declined
 from onnxlr.sites import find_site
 
 logger = logging.getLogger(__name__)
@@ -405,7 +406,7 @@ def layer_costs(graph: gs.Graph) -> dict[str, tuple[int, int]]:
     for node in graph.nodes:
         if node.op in CANDIDATE_OPS and not node.domain:
             site = find_site(node, graph)
-            if not isinstance(site, str):
+            if not isinstance(site, Declined):
                 out[node.name] = (site.params, site.macs)
     return out
 
