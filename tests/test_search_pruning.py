@@ -5,6 +5,7 @@ import dataclasses
 import itertools
 
 import numpy as np
+import onnx_graphsurgeon as gs
 import pytest
 
 from conftest import ort_run, tiny_cnn
@@ -13,7 +14,7 @@ from onnxlr.pipeline import prepare
 from onnxlr.search.gated import GatedModel, Option
 from onnxlr.search.ladders import Ladder, Rung
 from onnxlr.search.metrics import BUILTINS, drop_bound
-from onnxlr.search.planner import conflict, greedy_path
+from onnxlr.search.planner import greedy_path
 from onnxlr.search.pruning import (PRUNE, PruneBuilder, apply, capture_stats, fits_for,
                                    keep_counts, prunable)
 
@@ -79,23 +80,61 @@ def test_pruning_the_producer_shrinks_its_rows(pruned_setup):
     assert conv2.inputs[1].values.shape[0] == KEEP["conv3"]
 
 
-def _rung(speedup, drop, *, chain=False, locks=None):
+def _rung(speedup, drop, *, chain=False, producer=None):
     return Rung(Option(PRUNE if chain else "svd", (1,)), 10, 0.1, 0.1, 1.0, 1.0 / speedup,
-                drop=drop, distortion=0.0, scope="chain" if chain else "layer", locks=locks)
+                drop=drop, distortion=0.0, scope="chain" if chain else "layer", producer=producer)
 
 
-def test_a_prune_rung_never_meets_a_low_rank_producer():
+@pytest.mark.parametrize("method,ranks", [("tucker", (8, 8)), ("tucker", (16, 8)), ("svd", (8,))])
+def test_a_low_rank_producer_under_a_pruned_consumer_is_the_built_model(pruned_setup, rng,
+                                                                        method, ranks):
+    """conv2 factorised and conv3 keeping 16 of conv2's channels: the gated graph (Gather of
+    the factorised output) computes what the build writes (the factorised conv2's last stage
+    losing those rows), so the two may be combined."""
+    import dataclasses as dc
+    from onnxlr.methods import parse_method
+    from onnxlr.passes.factorize import Factorize, FactorizeConfig
+    from onnxlr.rank import parse_rank
+    prepared, chains, fits = pruned_setup
+    config = FactorizeConfig(methods=parse_method("auto"), rank=parse_rank("vbmf"))
+    cache: dict = {}
+    factorize = Factorize(config, cache=cache)
+    builder = PruneBuilder(chains)
+    options = {"conv2": [Option(method, ranks)], "conv3": [Option(PRUNE, (KEEP["conv3"],))]}
+
+    def factors(m, site, r):
+        return fits[site.node.name] if m == PRUNE else factorize.factors(factorize.method(m), site, r)
+
+    gated = GatedModel(prepared, options, factors,
+                       lambda m: builder if m == PRUNE else factorize.method(m))
+    x = {"input": rng.standard_normal((6, 3, 8, 8)).astype(np.float32)}
+    graph = to_graph(prepared)
+    keep = {n.name: "not in this assignment" for n in graph.nodes
+            if n.op in ("Conv", "Gemm", "MatMul") and n.name != "conv2"}
+    Factorize(dc.replace(config, forced_ranks={"conv2": ranks}, forced_methods={"conv2": method}),
+              keep, cache)(graph)
+    assert apply(graph, {"conv3": fits["conv3"]}) == {}
+    built = to_model(graph, prepared)
+    expected = ort_run(built, x)[0]
+    got = gated.run({"conv2": 0, "conv3": 0}, x)["logits"]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    # and the factorised producer really lost the rows: the node feeding relu2 (its last
+    # stage) writes the 16 kept channels
+    g = to_graph(built)
+    relu2 = next(n for n in g.nodes if n.name == "relu2")
+    last = relu2.inputs[0].inputs[0]
+    assert last.name.startswith("conv2/") and last.inputs[1].values.shape[0] == KEEP["conv3"]
+
+
+def test_the_path_combines_prune_and_low_rank_rungs_freely():
     ladders = [
         Ladder("a", "svd", 100, 100, 1.0, [_rung(2, 0.0), _rung(3, 0.001, chain=True)]),
-        Ladder("b", "svd", 100, 100, 1.0, [_rung(2.5, 0.0, chain=True, locks="a")]),
+        Ladder("b", "svd", 100, 100, 1.0, [_rung(2.5, 0.0, chain=True, producer="a")]),
     ]
-    assert conflict(ladders, {"a": 0, "b": 0}) is not None   # low-rank a, b prunes a's rows
-    assert conflict(ladders, {"a": 1, "b": 0}) is None       # pruning both composes
-    assert conflict(ladders, {"a": 0}) is None
     steps = greedy_path(ladders, max_drop=0.01)
-    assert steps
-    for step in steps:
-        assert conflict(ladders, step.as_dict()) is None
+    # b prunes a's rows while a takes its low-rank rung, then a prunes its own inputs too
+    assert [(s.layer, s.rung) for s in steps][:2] in ([("b", 0), ("a", 0)], [("a", 0), ("b", 0)])
+    assert steps[-1].as_dict() == {"a": 1, "b": 0}
 
 
 def test_keep_counts_are_rounded_and_below_the_channels():

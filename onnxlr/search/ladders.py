@@ -48,7 +48,7 @@ class Rung:
     #: "layer": timed as the layer alone; "chain": a prune rung, timed as the whole channel
     #: chain (producer → ops → consumer), whose own baseline is the chain's time
     scope: str = "layer"
-    locks: str | None = None        # a layer that must keep no low-rank rung beside this one
+    producer: str | None = None     # a prune rung's producer: the layer whose rows it drops
     neighbour_macs: int = 0         # MACs this rung also saves outside its layer (producer)
 
     @property
@@ -70,7 +70,7 @@ class Rung:
                 "local_error": self.local_error, "latency_before_ms": self.ms_before,
                 "latency_ms": self.ms_after, "speedup": self.speedup,
                 "metric_drop": self.drop, "output_error": self.distortion, "chosen": chosen,
-                **({"timed": "the channel chain", "producer": self.locks,
+                **({"timed": "the channel chain", "producer": self.producer,
                     "producer_macs_saved": self.neighbour_macs} if self.scope == "chain" else {})}
 
 

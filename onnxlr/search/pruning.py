@@ -19,11 +19,16 @@ rung per layer, so pruning and factorisation compete for every layer.
   :func:`entry_order`), least squares the weights, only for rungs measured faster.
 - **Gated graph**: a prune rung is ``Gather(x, kept) → consumer'``: the consumer's output
   with the dropped channels gone is exactly what the pruned model computes, so the search
-  scores what the user gets. Its producer then must not take a low-rank rung (the rung
-  ``locks`` it: dropping rows of a factorised producer is a different model than the one
-  that was scored); pruning both a layer's inputs and its outputs composes and is allowed.
+  scores what the user gets, whether its producer is the original layer or a factorised
+  one (whose last stage then loses those rows: the same model); pruning both a layer's
+  inputs and its outputs composes. The producer's saving is counted from the chain timed
+  with the original producer, so beside a factorised producer it is an overestimate: the
+  end-to-end timing of what is built decides.
 - **Build**: after the factorisations, :func:`apply` rewrites each chosen chain in graph
   order with the fitted channels and weights.
+
+(A little over 400 lines on purpose: the four steps above share the chain, its kept-channel
+counts and its fits; split apart they would pass those through three more interfaces.)
 """
 from __future__ import annotations
 
@@ -381,7 +386,7 @@ def add_prune_rungs(build, ladders: list, empty: dict[str, str], feeds: dict, ti
                 continue
             f = fits[(name, k)] = fitted[k]
             rungs.append(Rung(Option(PRUNE, (k,)), int(round(lad.macs_before * k / chain.channels)),
-                              None, f.error, ms_a, ms_b, scope="chain", locks=chain.producer.name,
+                              None, f.error, ms_a, ms_b, scope="chain", producer=chain.producer.name,
                               neighbour_macs=int(producer_macs * (chain.channels - k)
                                                  / chain.channels)))
         account["fitted"] += len(rungs)
