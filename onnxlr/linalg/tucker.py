@@ -119,7 +119,7 @@ def unfolding_singular_values(kernel: np.ndarray, mode: int) -> np.ndarray:
 
 
 def tucker2(kernel: np.ndarray, ranks: tuple[int, int], n_iter_max: int = 50,
-            tol: float = 1e-6) -> Tucker2:
+            tol: float = 1e-5) -> Tucker2:
     """Tucker-2 (HOSVD then HOOI on the channel modes) of a conv kernel.
 
     Args:

@@ -153,8 +153,11 @@ class TuckerMethod(Method):
 
     data_aware = True
 
-    def __init__(self, hooi_sweeps: int = 50):
-        #: HOOI sweeps after the HOSVD start (0: HOSVD only, what timing a chain needs)
+    def __init__(self, hooi_sweeps: int = 10):
+        #: HOOI sweeps after the HOSVD start (0: HOSVD only, what timing a chain needs).
+        #: Ten, not fifty: on Magika's 512×256×5 conv, 5 sweeps took the error from 0.4229
+        #: (HOSVD) to 0.4128 and 50 to 0.4127, at 13.7 s per rung instead of 3.3 s (and
+        #: 195 s at a lower rank); the data-aware refit re-solves the last stage anyway.
         self.hooi_sweeps = hooi_sweeps
 
     def choose_ranks(self, site: LayerSite, selector: RankSelector, multiple: int,
