@@ -171,6 +171,29 @@ def test_the_drop_bound_counts_how_few_samples_judged():
     assert len(calls) == 2 * 64   # original and candidate on every resample
 
 
+def test_the_drop_bound_resamples_a_time_major_output_along_its_sample_axis():
+    """[T, N, C] outputs (a CTC recogniser's): resampled along N, the axis of the inputs'
+    sample count, the same bound as the batch-major layout gives; where no axis has that
+    size, the plain drop."""
+    metric = BUILTINS["accuracy"]
+    n, t = 256, 7
+    labels = np.arange(n) % 10
+    ref = np.eye(10, dtype=np.float32)[labels]
+    cand = ref.copy()
+    cand[:6] = np.roll(cand[:6], 1, axis=1)
+    cand[6:9] = ref[6:9]
+    # the metric reads sample i's class from time step 0 of a [T, N, C] output
+    seq = lambda y: {"y": np.repeat(y[None], t, axis=0), "other": y}
+    tm = dataclasses.replace(metric, score_fn=lambda r, c, lab: metric.score_fn(
+        {"y": r["y"][0]}, {"y": c["y"][0]}, lab))
+    batch_major = drop_bound(metric, {"y": ref}, {"y": cand}, labels)
+    time_major = drop_bound(tm, seq(ref), seq(cand), labels, samples=n)
+    assert time_major == pytest.approx(batch_major) and time_major > metric.drop(
+        {"y": ref}, {"y": cand}, labels)
+    plain = tm.drop(seq(ref), seq(cand), labels)
+    assert drop_bound(tm, seq(ref), seq(cand), labels, samples=n + 1) == plain  # no such axis
+
+
 def _pad_model(channel_pads: bool):
     from onnx import helper
     from conftest import init, make_model, vinfo

@@ -18,7 +18,7 @@ from onnxlr import runtime
 from onnxlr.graph import to_graph, to_model
 from onnxlr.passes.factorize import Factorize
 from onnxlr.records import FACTORISED
-from onnxlr.search.metrics import drop_bound
+from onnxlr.search.metrics import drop_bound, input_samples
 from onnxlr.search.pruning import PRUNE, layer_costs
 from onnxlr.search.pruning import apply as apply_pruning
 
@@ -59,7 +59,8 @@ class Judge:
         out = runtime.run(session_for(model, self.verifier.provider), self.verifier.feeds)
         score = self.metric.score(self.reference, out, self.labels)
         bound = drop_bound(self.metric, self.reference, out, self.labels,
-                           drop=self.baseline - score, stop_above=self.allowed)
+                           drop=self.baseline - score, stop_above=self.allowed,
+                           samples=input_samples(self.verifier.feeds))
         return out, score, runtime.compare_outputs(self.reference, out).worst_rel_l2, bound
 
     def __call__(self, assignment: dict, refit: bool = True) -> Built:

@@ -27,7 +27,7 @@ import numpy as np
 
 from onnxlr import runtime
 from onnxlr.search.ladders import Ladder
-from onnxlr.search.metrics import Metric, drop_bound
+from onnxlr.search.metrics import Metric, drop_bound, input_samples
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class Planner:
         out = self.gated.run(assignment, self.feeds)
         drop = self.baseline - self.metric.score(self.reference, out, self.labels)
         bound = drop_bound(self.metric, self.reference, out, self.labels, drop=drop,
-                           stop_above=self.max_drop)
+                           stop_above=self.max_drop, samples=input_samples(self.feeds))
         self.checks.append({"layers": len(assignment), "drop": drop, "drop_bound": bound})
         return bound
 
