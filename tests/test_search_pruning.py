@@ -330,3 +330,33 @@ def test_the_sequential_refit_resolves_a_pruned_layer_on_the_compressed_prefix(p
     assert names == {"fc1"}
     (r,) = done
     assert r.after < r.before
+
+
+def test_repair_tries_are_judged_at_the_family_wise_confidence():
+    """An assignment that the bisection's 80% bound would pass, but a 98% one would not, is
+    not kept by the repair phase: its dozen tries are a dozen chances to pass by luck."""
+    from onnxlr.search.planner import REPAIR_CONFIDENCE, Planner, Step
+    n = 256
+    labels = np.arange(n) % 10
+    ref = {"y": np.eye(10, dtype=np.float32)[labels]}
+    flips = {0: 0, 1: 1}   # rung index → samples it gets wrong
+
+    class Fake:
+        def run(self, assignment, feeds):
+            y = ref["y"].copy()
+            wrong = sum(flips[j] for j in assignment.values())
+            y[:wrong] = np.roll(y[:wrong], 1, axis=1)
+            return {"y": y}
+
+    metric = BUILTINS["accuracy"]
+    one_wrong = Fake().run({"a": 1}, None)
+    at_80 = drop_bound(metric, ref, one_wrong, labels)
+    at_98 = drop_bound(metric, ref, one_wrong, labels, confidence=REPAIR_CONFIDENCE)
+    allowed = (at_80 + at_98) / 2
+    assert at_80 < allowed < at_98
+    planner = Planner(Fake(), [], metric, allowed, reference=ref,
+                      feeds={"x": np.zeros((n, 1), np.float32)}, labels=labels)
+    assert planner.feasible({"a": 1})                       # the bisection's verdict
+    steps = [Step((("a", 0),), "a", 0, 1.0, 1), Step((("a", 1),), "a", 1, 2.0, 2)]
+    assert planner.repair(steps, 1) == {"a": 0}             # the repair's: not kept
+    assert planner.checks[-1]["confidence"] == pytest.approx(REPAIR_CONFIDENCE)
