@@ -148,6 +148,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
         raise OnnxlrError(f"cannot read the graph: {text[0] if text else type(exc).__name__}") \
             from None
     _densify_sparse(graph)
+    _read_referenced_lazily(graph)
     if not _shapes_known(graph):
         inferred = _inferred(model)
         if inferred is not None:
@@ -158,6 +159,25 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
         if len(names) != len(graph.inputs) and all(n in tensors for n in names):
             graph.inputs = [tensors[n] for n in names]
     return graph
+
+
+class _Referenced(gs.ir.tensor.LazyValues):
+    """Values of a weight left in its file (:mod:`onnxlr.referenced`): read from there.
+    onnx-graphsurgeon's exporter hands the tensor on as it is (a reference, no bytes)."""
+
+    def load(self):
+        from onnxlr.referenced import read_array
+        return read_array(self.tensor)
+
+
+def _read_referenced_lazily(graph: gs.Graph) -> None:
+    from onnxlr.referenced import is_referenced
+
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for tensor in g.tensors().values():
+            lazy = getattr(tensor, "_values", None)
+            if type(lazy) is gs.ir.tensor.LazyValues and is_referenced(lazy.tensor):
+                tensor._values = _Referenced(lazy.tensor)  # noqa: SLF001
 
 
 def _densify_sparse(graph: gs.Graph) -> None:
@@ -239,6 +259,9 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
 
 
 def _values(const: gs.Constant) -> np.ndarray:
+    lazy = getattr(const, "_values", None)
+    if isinstance(lazy, _Referenced):
+        return lazy.load()  # not kept on the constant: one weight in memory at a time
     try:
         return np.asarray(const.values)
     except (ValueError, TypeError) as exc:  # a header that lies about the data (numpy reshape)
