@@ -219,3 +219,21 @@ def test_find_site_declines_with_a_typed_reason(rng):
     assert declined.reason == "grouped convolution (group=2) is not factorised"
     plain = to_graph(conv_model(w[:, :1].repeat(4, axis=1)))
     assert isinstance(find_site(plain.nodes[0], plain), LayerSite)
+
+
+def test_a_fixed_rank_skips_the_spectrum_but_not_the_finiteness_check(monkeypatch, rng):
+    from onnxlr.errors import OnnxlrError
+    from onnxlr.methods import svd
+    from onnxlr.rank import parse_rank
+
+    def no_spectrum(_):
+        raise AssertionError("a fixed rank needs no singular values")
+    monkeypatch.setattr(svd, "singular_values", no_spectrum)
+    w = rng.standard_normal((12, 10)).astype(np.float32)
+    site = find_site(to_graph(matmul_model(w, [3, 12])).nodes[0])
+    assert svd.SvdMethod().choose_ranks(site, parse_rank("4"), 1) == (4,)
+    assert svd.SvdMethod().choose_ranks(site, parse_rank("0.5"), 8) == (8,)
+    w[3, 4] = np.nan
+    site = find_site(to_graph(matmul_model(w, [3, 12])).nodes[0])
+    with pytest.raises(OnnxlrError, match="NaN"):
+        svd.SvdMethod().choose_ranks(site, parse_rank("4"), 1)
