@@ -110,6 +110,12 @@ def _load_external(model: onnx.ModelProto, path: Path) -> None:
         del tensor.external_data[:]
 
 
+def weights_by_reference(model: onnx.ModelProto) -> bool:
+    """Whether ``load_model`` left this model's big weights in its file (its external data
+    reached :data:`REFERENCE_BYTES`)."""
+    return bool(referenced.folders(model))
+
+
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load an ONNX model with its external data, refusing unsafe locations.
 

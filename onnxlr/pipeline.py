@@ -21,7 +21,7 @@ from onnxlr import __version__
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import to_graph, to_model, type_problem
 from onnxlr.accept import accept_by_latency, end_to_end
-from onnxlr.io import check_model, load_model
+from onnxlr.io import check_model, load_model, weights_by_reference
 from onnxlr.latency import DEFAULT_MIN_LAYER_SPEEDUP
 from onnxlr.methods import CHANNEL_METHODS, parse_method
 from onnxlr.passes.factorize import Factorize, FactorizeConfig
@@ -271,6 +271,7 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
         from onnxlr.counting import recount
         recount(build.prepared, result, report.records, verifier.feeds)
     report.calibrated = calib is not None
+    report.weights_by_reference = weights_by_reference(original)
     result = add_provenance(result, report)
     check_model(result, what="optimised model")
     if not verify:

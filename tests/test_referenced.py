@@ -78,3 +78,15 @@ def test_a_data_file_cut_short_after_loading_is_refused_when_read(tmp_path, by_r
         fh.truncate(int(next(e.value for e in tensor.external_data if e.key == "offset")) + 4)
     with pytest.raises(OnnxlrError, match="truncated data file"):
         referenced.read_array(tensor)
+
+
+def test_the_cli_writes_such_a_models_result_with_external_data(tmp_path, by_reference,
+                                                                monkeypatch, capsys):
+    from onnxlr.cli import main
+    # only the weights factorised away stay in the file: the result refers to none of them
+    monkeypatch.setattr(io, "REFERENCE_TENSOR", 256)
+    path = _saved(tmp_path / "in", tiny_cnn())
+    out = tmp_path / "out.onnx"
+    assert main(["optimize", str(path), str(out), "--method", "svd", "--rank", "2",
+                 "--max-error", "none", "--no-latency", "--latency-cache", "none"]) == 0
+    assert (tmp_path / "out.onnx.data").is_file()
