@@ -90,3 +90,19 @@ def test_the_cli_writes_such_a_models_result_with_external_data(tmp_path, by_ref
     assert main(["optimize", str(path), str(out), "--method", "svd", "--rank", "2",
                  "--max-error", "none", "--no-latency", "--latency-cache", "none"]) == 0
     assert (tmp_path / "out.onnx.data").is_file()
+
+
+@pytest.mark.parametrize("max_error,kept", [(None, False), (0.5, True)])
+def test_the_factor_cache_is_dropped_when_no_later_build_needs_it(monkeypatch, max_error, kept):
+    from onnxlr import pipeline
+    builders = []
+
+    class Recorded(pipeline._Builder):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            builders.append(self)
+    monkeypatch.setattr(pipeline, "_Builder", Recorded)
+    _, report = optimize(tiny_cnn(), "svd", "2", max_error=max_error, latency_cache=None,
+                         measure_latency=False)
+    assert report.factorised
+    assert bool(builders[0].cache) is kept
