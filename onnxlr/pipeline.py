@@ -207,6 +207,8 @@ def optimize(model: onnx.ModelProto | str, method: str = "auto", rank: str = "vb
         # no later build (no back-off, no latency trials): the factors live on in the result
         # only; kept, they were a float64 copy of every factorised layer (0.8 GB at 1.2B params)
         build.cache.clear()
+        from onnxlr.machine import release_freed_memory
+        release_freed_memory()
     report = Report(source=source, method=method, rank=rank, rank_multiple=rank_multiple,
                     max_error=max_error, records=records,
                     accept="search" if searched else accept)

@@ -106,3 +106,19 @@ def test_the_factor_cache_is_dropped_when_no_later_build_needs_it(monkeypatch, m
                          measure_latency=False)
     assert report.factorised
     assert bool(builders[0].cache) is kept
+
+
+def test_end_to_end_loads_the_result_before_the_original(monkeypatch, rng):
+    from onnxlr import accept
+    order = []
+    real = runtime.make_session
+
+    def recorded(model, **kw):
+        order.append(model)
+        return real(model, **kw)
+    monkeypatch.setattr(accept.runtime, "make_session", recorded)
+    original, result = tiny_cnn(), tiny_cnn(seed=1)
+    feeds = {"input": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    timed = accept.end_to_end(original, result, feeds, iterations=2, max_seconds=1.0)
+    assert order[0] is result and order[1] is original
+    assert timed["before_ms"] > 0 and timed["after_ms"] > 0
