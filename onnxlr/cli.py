@@ -254,7 +254,9 @@ def cmd_optimize(args) -> int:
     _end_progress()
     print(report.headline() if args.quiet else report.to_text(_width()))
     target = out if report.bound_met is not False else rejected_path(out)
-    save_model(model, target, protect=reads)
+    # a model whose weights came in a data file (over 1 GB) leaves with them in one
+    save_model(model, target, protect=reads,
+               external_data=True if report.weights_by_reference else None)
     for path in args.report:
         text = getattr(report, _REPORTS[Path(path).suffix.lower()])()
         _write_text(Path(path), text, protect=[*reads, target])

@@ -23,8 +23,13 @@ PER_SAMPLE = "MACs per sample, counted on the shapes of the inputs it ran on"
 
 
 def _fixed(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto | None:
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    """The model's shapes inferred with the inputs at ``shapes``, on a copy without the
+    weights' bytes (inference needs only their dims: no second copy of them, and no
+    serialisation of a model over 2 GB)."""
+    from onnxlr.graph import _SHAPE_DATA_BYTES
+    from onnxlr.validate import light_copy
+
+    probe, _ = light_copy(model, keep_below=_SHAPE_DATA_BYTES)
     for vi in probe.graph.input:
         if vi.name not in shapes or not vi.type.HasField("tensor_type"):
             continue
@@ -45,14 +50,15 @@ def _fixed(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.M
 def layer_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, int] | None:
     """{node name: MACs} of every layer node, with the inputs at ``shapes``; None when the
     shapes cannot be inferred."""
-    from onnxlr.graph import to_graph
+    from onnxlr.graph import apply_shapes, to_graph
     from onnxlr.records import Declined
     from onnxlr.sites import find_site
 
     fixed = _fixed(model, shapes)
     if fixed is None:
         return None
-    graph = to_graph(fixed)
+    graph = to_graph(model)
+    apply_shapes(graph, fixed, replace=True)
     out = {}
     for node in graph.nodes:
         if node.op not in ("Conv", "Gemm", "MatMul", "ConvTranspose"):

@@ -101,24 +101,27 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _apply_shapes(graph: gs.Graph, inferred: onnx.ModelProto) -> None:
-    """Give the graph's variables the shapes and types inference found for them."""
+def apply_shapes(graph: gs.Graph, inferred: onnx.ModelProto, *, replace: bool = False) -> None:
+    """Give the graph's variables the shapes and types inference found for them (``replace``:
+    also where they have some already, the graph inputs included)."""
     from onnx_graphsurgeon.importers.onnx_importer import (get_onnx_tensor_dtype,
                                                            get_onnx_tensor_shape)
 
-    infos = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    g = inferred.graph
+    infos = {v.name: v for v in list(g.value_info) + list(g.output)
+             + (list(g.input) if replace else [])}
     for name, tensor in graph.tensors().items():
         info = infos.get(name)
         if info is None or not isinstance(tensor, gs.Variable):
             continue
-        if tensor.dtype is None:
+        if tensor.dtype is None or replace:
             tensor.dtype = get_onnx_tensor_dtype(info)
-        if tensor.shape is None:
+        if tensor.shape is None or replace:
             tensor.shape = get_onnx_tensor_shape(info)
 
 
 def _shapes_known(graph: gs.Graph) -> bool:
-    """Whether every variable already has a dtype and a shape, so that :func:`_apply_shapes`
+    """Whether every variable already has a dtype and a shape, so that :func:`apply_shapes`
     would change nothing: a model this module exported (the prepared model, converted again
     by every later step) carries its inferred shapes as ``value_info``, and inferring them
     again cost two full passes of onnx's shape inference per conversion."""
@@ -148,16 +151,36 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
         raise OnnxlrError(f"cannot read the graph: {text[0] if text else type(exc).__name__}") \
             from None
     _densify_sparse(graph)
+    _read_referenced_lazily(graph)
     if not _shapes_known(graph):
         inferred = _inferred(model)
         if inferred is not None:
-            _apply_shapes(graph, inferred)
+            apply_shapes(graph, inferred)
     if model.ir_version >= 4:
         tensors = graph.tensors()
         names = [v.name for v in model.graph.input]
         if len(names) != len(graph.inputs) and all(n in tensors for n in names):
             graph.inputs = [tensors[n] for n in names]
     return graph
+
+
+class _Referenced(gs.ir.tensor.LazyValues):
+    """Values of a weight left in its file (:mod:`onnxlr.referenced`): read from there.
+    onnx-graphsurgeon's exporter hands the tensor on as it is (a reference, no bytes)."""
+
+    def load(self):
+        from onnxlr.referenced import read_array
+        return read_array(self.tensor)
+
+
+def _read_referenced_lazily(graph: gs.Graph) -> None:
+    from onnxlr.referenced import is_referenced
+
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for tensor in g.tensors().values():
+            lazy = getattr(tensor, "_values", None)
+            if type(lazy) is gs.ir.tensor.LazyValues and is_referenced(lazy.tensor):
+                tensor._values = _Referenced(lazy.tensor)  # noqa: SLF001
 
 
 def _densify_sparse(graph: gs.Graph) -> None:
@@ -239,6 +262,9 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
 
 
 def _values(const: gs.Constant) -> np.ndarray:
+    lazy = getattr(const, "_values", None)
+    if isinstance(lazy, _Referenced):
+        return lazy.load()  # not kept on the constant: one weight in memory at a time
     try:
         return np.asarray(const.values)
     except (ValueError, TypeError) as exc:  # a header that lies about the data (numpy reshape)

@@ -24,14 +24,13 @@ import os
 import secrets
 import shutil
 import signal
-import stat
 from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
 from onnx import external_data_helper
 
-from onnxlr import validate
+from onnxlr import referenced, validate
 from onnxlr.errors import OnnxlrError
 from onnxlr.locations import _open_inside, check_external_location, same_file  # noqa: F401
 
@@ -57,6 +56,15 @@ def _external_info(tensor: onnx.TensorProto, what: str) -> tuple[str, int, int |
 
 
 _physical_memory = validate.physical_memory
+
+#: A model whose external data holds at least this many bytes keeps its big initializers'
+#: bytes in the file (:mod:`onnxlr.referenced`): the proto is then never a copy of them.
+REFERENCE_BYTES = 1 << 30
+#: ... those of at least this many bytes, and floating-point ones only: integer tensors are
+#: shape operands and indices, which shape inference (onnx's and ORT's) needs to read.
+REFERENCE_TENSOR = 1 << 16
+_WEIGHT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                 onnx.TensorProto.BFLOAT16}
 
 
 def _load_external(model: onnx.ModelProto, path: Path) -> None:
@@ -85,31 +93,27 @@ def _load_external(model: onnx.ModelProto, path: Path) -> None:
         nbytes = need if need is not None else length
         plans.append((tensor, what, location, offset, nbytes))
         total += nbytes
+    weights = {t.name for t in model.graph.initializer}
     memory = _physical_memory()
     if memory is not None and total > memory:
         raise OnnxlrError(f"{path}: its external data declares {total} bytes, more than this "
                           f"machine's memory ({memory} bytes); refused")
+    by_reference = total >= REFERENCE_BYTES
     for tensor, what, location, offset, nbytes in plans:
-        fd = _open_inside(path.parent, location, what)
-        with os.fdopen(fd, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise OnnxlrError(f"{what}: external data {location!r} is not a regular file")
-            if st.st_nlink > 1:
-                raise OnnxlrError(f"{what}: external data file {location!r} is a hard link; "
-                                  f"refused")
-            if offset + nbytes > st.st_size:
-                raise OnnxlrError(f"{what}: external data file {location!r} holds "
-                                  f"{st.st_size} bytes, the tensor needs {nbytes} from offset "
-                                  f"{offset} (truncated data file?)")
-            fh.seek(offset)
-            data = fh.read(nbytes)
-        if len(data) != nbytes:
-            raise OnnxlrError(f"{what}: external data file {location!r} ended early")
-        tensor.raw_data = data
-        del data
+        if (by_reference and nbytes >= REFERENCE_TENSOR and tensor.name in weights
+                and tensor.data_type in _WEIGHT_TYPES):
+            referenced.read_at(path.parent, location, offset, nbytes, what, read=False)
+            referenced.mark(tensor, path.parent, offset, nbytes)
+            continue
+        tensor.raw_data = referenced.read_at(path.parent, location, offset, nbytes, what)
         tensor.ClearField("data_location")  # as if it had always been inline
         del tensor.external_data[:]
+
+
+def weights_by_reference(model: onnx.ModelProto) -> bool:
+    """Whether ``load_model`` left this model's big weights in its file (its external data
+    reached :data:`REFERENCE_BYTES`)."""
+    return bool(referenced.folders(model))
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -212,14 +216,28 @@ def _write_external(model: onnx.ModelProto, model_path: Path, data_path: Path,
             fh.write(b"\0" * pad)
             offset += pad
             fh.write(src.raw_data)
-            dst.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", str(offset)),
-                               ("length", str(size))):
-                dst.external_data.add(key=key, value=value)
-            offset += size
+            offset = _point(dst, location, offset, size)
+        for dst in validate.all_tensors(probe):  # left in the input's file: copied from there
+            if referenced.is_referenced(dst):
+                data = referenced.read_bytes(dst)
+                pad = -offset % ALIGNMENT
+                fh.write(b"\0" * pad)
+                offset += pad
+                fh.write(data)
+                del dst.external_data[:]
+                offset = _point(dst, location, offset, len(data))
+                del data
         fh.flush()
         os.fsync(fh.fileno())
     _write_proto(probe, model_path)
+
+
+def _point(tensor: onnx.TensorProto, location: str, offset: int, size: int) -> int:
+    """Make ``tensor`` refer to ``size`` bytes at ``offset`` of ``location``; the next offset."""
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(size))):
+        tensor.external_data.add(key=key, value=value)
+    return offset + size
 
 
 def _write_proto(model: onnx.ModelProto, path: Path) -> None:
@@ -282,14 +300,20 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
         raise OnnxlrError(f"{path}: output folder {str(folder)!r} does not exist")
     if path.is_dir():
         raise OnnxlrError(f"{path}: output path is a folder")
+    by_reference = False
     for tensor in validate.all_tensors(model):
-        if external_data_helper.uses_external_data(tensor):
+        if referenced.is_referenced(tensor):
+            by_reference = True  # checked at load: its bytes are copied over from its file
+        elif external_data_helper.uses_external_data(tensor):
             # writing it as is would hand on a reference to wherever the input pointed
             raise OnnxlrError(f"{path}: tensor {validate.quote(tensor.name)} still refers to "
                               f"external data that was never loaded; refusing to save a "
                               f"reference to another file")
     if external_data is None:
-        external_data = validate.model_bytes(model) > threshold
+        external_data = by_reference or validate.model_bytes(model) > threshold
+    if by_reference and not external_data:
+        raise OnnxlrError(f"{path}: the model's weights stay in its input's data file; it is "
+                          f"written with external data only")
     data_name = path.name + ".data"
     if external_data:
         check_external_location(data_name, folder, what=str(path))

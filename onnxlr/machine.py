@@ -159,3 +159,20 @@ class PeakRSS:
             end = self._psutil_peak()
         start, self._start = self._start, None
         return None if end is None else max(0.0, end - start)
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``); False elsewhere.
+
+    Why: factors of a few MB each come from the heap, not from their own mappings, and
+    glibc returns freed heap memory only from its top: after the factor cache of a 1.2B
+    model is dropped, ~0.5 GB stayed resident while ONNX Runtime loaded the weights.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -86,6 +86,9 @@ class Report:
     # bound, inputs it was judged on, the path and its checks (onnxlr.search.run)
     search: dict | None = None
     calibrated: bool = False          # calibration data was given (provenance)
+    # the input's big weights stayed in its data file (onnxlr.referenced): the result is
+    # written with external data too
+    weights_by_reference: bool = False
 
     # totals over candidate layers (MACs of other ops are not counted)
     @property

@@ -250,3 +250,21 @@ def test_choose_ranks_declines_with_a_typed_reason(rng):
     (record,) = Factorize(config)(graph).records
     assert record.status == "declined" and "full rank" in record.reason
     assert type(record.reason) is str  # the record holds the plain reason, not the type
+
+
+def test_a_fixed_rank_skips_the_spectrum_but_not_the_finiteness_check(monkeypatch, rng):
+    from onnxlr.errors import OnnxlrError
+    from onnxlr.methods import svd
+    from onnxlr.rank import parse_rank
+
+    def no_spectrum(_):
+        raise AssertionError("a fixed rank needs no singular values")
+    monkeypatch.setattr(svd, "singular_values", no_spectrum)
+    w = rng.standard_normal((12, 10)).astype(np.float32)
+    site = find_site(to_graph(matmul_model(w, [3, 12])).nodes[0])
+    assert svd.SvdMethod().choose_ranks(site, parse_rank("4"), 1) == (4,)
+    assert svd.SvdMethod().choose_ranks(site, parse_rank("0.5"), 8) == (8,)
+    w[3, 4] = np.nan
+    site = find_site(to_graph(matmul_model(w, [3, 12])).nodes[0])
+    with pytest.raises(OnnxlrError, match="NaN"):
+        svd.SvdMethod().choose_ranks(site, parse_rank("4"), 1)

@@ -26,7 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxlr.graph import NameScope
-from onnxlr.linalg.svd import singular_values, truncated_svd
+from onnxlr.linalg.svd import check_finite, singular_values, truncated_svd
 from onnxlr.linalg.whiten import LayerStats, whitened_spectrum, whitened_svd
 from onnxlr.methods.base import (Factors, Method, bias_params, conv_attrs, constant, detach,
                                  new_node, ones, select_rank)
@@ -63,8 +63,11 @@ class SvdMethod(Method):
         if stats is not None:
             a, centred = linear_map(site)
             spectrum = whitened_spectrum(a, stats, centred)
-        else:
+        elif selector.uses_spectrum:
             spectrum = singular_values(site.matrix)
+        else:  # the rule reads only the shape; the weight is still refused if not finite
+            check_finite(site.matrix)
+            spectrum = np.zeros(min(m, n))
         k = select_rank(selector, spectrum, m, n, multiple)
         if k == 0:
             return Declined(f"rank rule '{selector.spec}' chose rank 0 (no singular value "

@@ -60,6 +60,9 @@ class RankSelector(abc.ABC):
     """
 
     spec: str
+    #: Whether ``select`` reads the singular values; a rule that does not (a fixed rank or
+    #: ratio) lets a method skip computing them (a Gram matrix and an eigensolve per layer).
+    uses_spectrum = True
 
     @abc.abstractmethod
     def select(self, s: np.ndarray, m: int, n: int) -> int:
@@ -86,6 +89,7 @@ class FixedRank(RankSelector):
 
     rank: int
     spec: str = field(default="", compare=False)
+    uses_spectrum = False
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -115,6 +119,8 @@ class RatioRank(RankSelector):
             raise ValueError(f"RatioRank needs ratio in (0, 1], got {self.ratio}")
         if not self.spec:
             object.__setattr__(self, "spec", repr(float(self.ratio)))
+
+    uses_spectrum = False
 
     def select(self, s: np.ndarray, m: int, n: int) -> int:
         _check_spectrum(s, m, n)

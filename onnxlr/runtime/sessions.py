@@ -164,6 +164,9 @@ def make_session(model: onnx.ModelProto | str | bytes | os.PathLike, *, provider
     keep_alive = None
     if isinstance(model, onnx.ModelProto):
         what = f"model {model.graph.name or '(unnamed)'!r}"
+        from onnxlr import referenced
+        if referenced.folders(model):  # ORT reads the weights left in their file itself
+            model = referenced.for_session(model, opts)
         if _initializer_bytes(model) >= IN_MEMORY_BYTES:
             source, keep_alive = _in_memory(model, opts)
         else:

@@ -14,7 +14,7 @@ from onnx import TensorProto
 
 from onnxlr.errors import OnnxlrError
 from onnxlr.validate.structure import _subgraphs, graph_problem
-from onnxlr.validate.tensors import _varint_len, check_tensors
+from onnxlr.validate.tensors import _varint_len, all_tensors, check_tensors, is_referenced
 
 def copy_meta(src: TensorProto, dst: TensorProto) -> None:
     """Copy every field of ``src`` into ``dst`` except ``raw_data`` (never read, never copied)."""
@@ -119,6 +119,14 @@ def check_model(model: onnx.ModelProto, *, what: str, allow_unsorted: bool = Fal
         del dst.dims[:]
         dst.dims.append(0)
         dst.raw_data = b""
+    for dst in all_tensors(probe):
+        if is_referenced(dst):
+            # its file and size were checked where it was loaded (onnxlr.referenced)
+            dst.ClearField("data_location")
+            del dst.external_data[:]
+            del dst.dims[:]
+            dst.dims.append(0)
+            dst.raw_data = b""
     _fill_io_shapes(probe.graph)
     try:
         onnx.checker.check_model(probe)

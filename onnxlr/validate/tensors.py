@@ -178,6 +178,17 @@ def _check_sparse(model: onnx.ModelProto, what: str) -> None:
                           f"than half this machine's memory ({memory} bytes); refused")
 
 
+#: The external-data entry ``onnxlr.io`` adds to a tensor whose file it checked and left the
+#: bytes in (``onnxlr.referenced``): the folder to read them from.
+FOLDER_KEY = "onnxlr.folder"
+
+
+def is_referenced(tensor: TensorProto) -> bool:
+    """Whether the tensor's bytes were left in an external file already checked."""
+    return tensor.data_location == TensorProto.EXTERNAL and any(
+        e.key == FOLDER_KEY for e in tensor.external_data)
+
+
 def check_tensors(model: onnx.ModelProto, *, what: str) -> None:
     """Refuse any tensor whose declared size disagrees with its data, naming it; sparse
     tensors whose dense form would be inconsistent or too big for this machine.
@@ -191,7 +202,7 @@ def check_tensors(model: onnx.ModelProto, *, what: str) -> None:
         problem = tensor_problem(tensor)
         if problem:
             raise OnnxlrError(f"{what}: {problem}")
-        if tensor.data_location == TensorProto.EXTERNAL:
+        if tensor.data_location == TensorProto.EXTERNAL and not is_referenced(tensor):
             raise OnnxlrError(f"{what}: tensor {quote(tensor.name)} keeps its data in an "
                               f"external file that was not loaded; load the model from its "
                               f"file (onnxlr.io.load_model) so the data is read safely")
