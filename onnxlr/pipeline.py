@@ -162,8 +162,7 @@ def optimize(model: onnx.ModelProto | str, method: str | OptimizeOptions | None 
                 build, verifier, original, timer, metric=o.metric, max_drop=o.max_drop,
                 target_flops=target_flops, target_speedup=o.target_speedup, progress=progress,
                 timing_batch=o.timing_batch, evaluate=o.evaluate,
-                **dict(zip(("fit_batches", "fit_labels"),
-                           _fit_batches(build.prepared, calib, o.calib_samples, heldout))))
+                fit_batches=_fit_batches(build.prepared, calib, o.calib_samples, heldout))
             report.records, report.comparison = records, comparison
             if report.latency is None and o.measure_latency:
                 report.latency = end_to_end(original, result, verifier.feeds,
@@ -215,20 +214,18 @@ def optimize(model: onnx.ModelProto | str, method: str | OptimizeOptions | None 
 FIT_SAMPLES = 512
 
 
-def _fit_batches(prepared, calib, calib_samples, heldout):
+def _fit_batches(prepared, calib, calib_samples, heldout) -> list[dict] | None:
     """The calibration samples the layer statistics came from (never the held-out ones the
-    search judges on), at most :data:`FIT_SAMPLES`, as (feed batches, their labels or None);
-    (None, None) without --calib."""
+    search judges on), at most :data:`FIT_SAMPLES`, as feed batches; None without --calib."""
     if calib is None:
-        return None, None
+        return None
     from onnxlr.activations import _holdout_size
     from onnxlr.calib import load_calibration
     source = load_calibration(calib, prepared, max_samples=calib_samples)
     if heldout is not None:
         source = source.split(_holdout_size(source, SEARCH_HOLDOUT["holdout_fraction"],
                                             SEARCH_HOLDOUT["holdout_cap"]))[0]
-    source = source.head(min(FIT_SAMPLES, source.num_samples))
-    return list(source), source.labels()
+    return list(source.head(min(FIT_SAMPLES, source.num_samples)))
 
 
 def _check_loadable(original: onnx.ModelProto, result: onnx.ModelProto) -> None:

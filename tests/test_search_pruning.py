@@ -360,19 +360,3 @@ def test_repair_tries_are_judged_at_the_family_wise_confidence():
     steps = [Step((("a", 0),), "a", 0, 1.0, 1), Step((("a", 1),), "a", 1, 2.0, 2)]
     assert planner.repair(steps, 1) == {"a": 0}             # the repair's: not kept
     assert planner.checks[-1]["confidence"] == pytest.approx(REPAIR_CONFIDENCE)
-
-
-def test_rungs_are_ranked_on_the_fitting_samples_not_the_judged_ones():
-    """The sensitivity's samples are the first fitting ones with their labels, so the checks
-    judge on samples the ranking never chose by; a metric needing labels the fitting samples
-    lack falls back (None) to the judged ones."""
-    from onnxlr.search.run import _ranking_set
-    batches = [{"x": np.full((4, 2), i, np.float32)} for i in range(3)]
-    labels = np.arange(12)
-    feeds, lab = _ranking_set(batches, labels, BUILTINS["accuracy"], 6)
-    assert feeds["x"].shape == (6, 2) and feeds["x"][5, 0] == 1
-    np.testing.assert_array_equal(lab, np.arange(6))
-    assert _ranking_set(batches, None, BUILTINS["accuracy"], 6) == (None, None)
-    feeds, lab = _ranking_set(batches, None, BUILTINS["top1"], 6)
-    assert feeds["x"].shape == (6, 2) and lab is None
-    assert _ranking_set(None, None, BUILTINS["top1"], 6) == (None, None)

