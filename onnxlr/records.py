@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-FACTORISED = "factorised"
+FACTORISED = "factorised"   # replaced by a chain of smaller layers (a low-rank method)
+PRUNED = "pruned"           # channels removed (channel pruning, thin layers, a search's prune rung)
 DECLINED = "declined"
 REVERTED = "reverted"
+#: the statuses of a layer that is different in the result
+CHANGED = (FACTORISED, PRUNED)
 
 
 class Declined(str):
@@ -29,7 +32,9 @@ class Declined(str):
 
 @dataclass
 class LayerRecord:
-    """One candidate layer (a Gemm, MatMul or Conv with a constant weight)."""
+    """One candidate layer (a Gemm, MatMul or Conv with a constant weight) and what happened
+    to it: ``status`` is factorised (``ranks``, ``weight_error``), pruned (``kept_channels``,
+    ``fit_error``), declined or reverted (``reason`` says why)."""
 
     name: str
     op: str
@@ -37,12 +42,18 @@ class LayerRecord:
     weight_shape: tuple[int, ...] = ()
     method: str | None = None
     rank_rule: str | None = None
-    ranks: tuple[int, ...] | None = None
+    ranks: tuple[int, ...] | None = None     # a low-rank method's ranks (None when pruned)
+    # channels the pruned chain keeps: the layer's input channels (channel pruning), a thin
+    # layer's outputs (the next layer's inputs); None unless channels were counted for pruning
+    kept_channels: int | None = None
     params_before: int = 0
     params_after: int = 0
     macs_before: int = 0
     macs_after: int = 0
-    weight_error: float | None = None    # relative Frobenius error of the weight
+    weight_error: float | None = None    # relative Frobenius error of the weight (factorised)
+    # pruned: relative L2 error of the refit layer's output (the pruned layer; a thin layer's
+    # next layer) on the samples it was fitted to; None when nothing was fitted (data-free)
+    fit_error: float | None = None
     output_error: float | None = None    # model output rel. L2 error with only this layer changed
     status: str = DECLINED
     reason: str = ""
@@ -65,6 +76,15 @@ class LayerRecord:
     @property
     def factorised(self) -> bool:
         return self.status == FACTORISED
+
+    @property
+    def pruned(self) -> bool:
+        return self.status == PRUNED
+
+    @property
+    def changed(self) -> bool:
+        """The layer is different in the result: factorised or pruned."""
+        return self.status in CHANGED
 
     def to_dict(self) -> dict:
         d = asdict(self)
