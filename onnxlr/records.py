@@ -43,17 +43,11 @@ class LayerRecord:
     method: str | None = None
     rank_rule: str | None = None
     ranks: tuple[int, ...] | None = None     # a low-rank method's ranks (None when pruned)
-    # channels the pruned chain keeps: the layer's input channels (channel pruning), a thin
-    # layer's outputs (the next layer's inputs); None unless channels were counted for pruning
-    kept_channels: int | None = None
     params_before: int = 0
     params_after: int = 0
     macs_before: int = 0
     macs_after: int = 0
     weight_error: float | None = None    # relative Frobenius error of the weight (factorised)
-    # pruned: relative L2 error of the refit layer's output (the pruned layer; a thin layer's
-    # next layer) on the samples it was fitted to; None when nothing was fitted (data-free)
-    fit_error: float | None = None
     output_error: float | None = None    # model output rel. L2 error with only this layer changed
     status: str = DECLINED
     reason: str = ""
@@ -66,6 +60,13 @@ class LayerRecord:
     # "latency_ms", "chosen"}: the data behind error-vs-rank and speed-vs-error plots
     candidates: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    # a pruned layer's (last, after the positional fields above, which callers pass in order):
+    # the channels its chain keeps, its input channels (channel pruning) or a thin layer's
+    # outputs (the next layer's inputs), None unless channels were counted for pruning; and
+    # the relative L2 error of the refit layer's output (the pruned layer; a thin layer's next
+    # layer) on the samples it was fitted to, None when nothing was fitted (data-free)
+    kept_channels: int | None = None
+    fit_error: float | None = None
 
     @property
     def layer_speedup(self) -> float | None:
@@ -90,4 +91,12 @@ class LayerRecord:
         d = asdict(self)
         d["weight_shape"] = list(self.weight_shape)
         d["ranks"] = list(self.ranks) if self.ranks is not None else None
-        return d
+        # in JSON a pruned layer's fields sit beside the factorised layer's ones
+        after = {"ranks": "kept_channels", "weight_error": "fit_error"}
+        out = {}
+        for key, value in d.items():
+            if key not in after.values():
+                out[key] = value
+                if key in after:
+                    out[after[key]] = d[after[key]]
+        return out
