@@ -135,8 +135,8 @@ def main(argv=None) -> int:
                            if p.name.startswith("decoder.lr")) / 2**30
             report = json.loads((folder / "report.json").read_text())
             row.update(out_gib=out_size, speedup=(report.get("latency") or {}).get("speedup"),
-                       layers=sum(1 for r in report.get("layers", []) if r.get("status") ==
-                                  "factorised"))
+                       layers=sum(1 for r in report.get("layers", []) if r.get("status") in
+                                  ("factorised", "pruned")))
         print(json.dumps(row, indent=1))
         OUT.parent.mkdir(parents=True, exist_ok=True)
         with open(OUT, "a") as fh:

@@ -96,7 +96,7 @@ def main() -> None:
             macs = report.macs_after / report.macs_before
             s1 = speedup(model, result, 1, args.threads, rounds)
             s8 = speedup(model, result, 8, args.threads, max(3, rounds // 2))
-            row = [name, method, rank, accept, len(report.factorised),
+            row = [name, method, rank, accept, len(report.changed),
                    f"{report.params_after / report.params_before:.3f}", f"{macs:.3f}",
                    f"{1 / macs:.2f}", f"{s1:.2f}", f"{s1 * macs:.2f}", f"{s8:.2f}",
                    f"{s8 * macs:.2f}", f"{seconds:.0f}"]

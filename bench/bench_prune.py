@@ -52,7 +52,7 @@ from onnxlr.passes.prune import ChannelPass, PrunePass  # noqa: E402
 from onnxlr.passes.thin import ThinPass  # noqa: E402
 from onnxlr.pipeline import prepare  # noqa: E402
 from onnxlr.rank import RatioRank, parse_rank  # noqa: E402
-from onnxlr.records import FACTORISED, Declined  # noqa: E402
+from onnxlr.records import PRUNED, Declined  # noqa: E402
 from onnxlr.sites import find_site  # noqa: E402
 
 FRACTIONS = ("0.75", "0.5", "0.35")
@@ -170,7 +170,7 @@ def bench_case(case: Case, fractions, threads: int, max_positions: int) -> list[
         macs = set()
         for name, (aware, factory) in VARIANTS.items():
             model, records, secs = channel_variant(prepared, factory, fraction, case.calib)
-            done = sum(r.status == FACTORISED for r in records)
+            done = sum(r.status == PRUNED for r in records)
             m = candidate_macs(model)
             macs.add(m)
             err, score, agree = evaluate(case, model, ref, threads)

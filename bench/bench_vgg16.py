@@ -49,7 +49,7 @@ def main() -> None:
         lat = runtime.interleaved_latency([base, session], feeds, warmup=2, iterations=args.rounds)
         macs = report.macs_after / report.macs_before
         speedup = lat.speedups[1]
-        rows.append([method, rank, len(report.factorised),
+        rows.append([method, rank, len(report.changed),
                      f"{report.params_after / report.params_before:.3f}", f"{macs:.3f}",
                      f"{1 / macs:.2f}", f"{speedup:.2f}", f"{speedup * macs:.2f}",
                      f"{cmp.outputs[0].rel_l2:.3f}", f"{cmp.outputs[0].cosine:.4f}",

@@ -182,7 +182,7 @@ def one_setting(task, label: str, kwargs: dict, ctx: dict, args) -> dict:
         except Exception as exc:  # e.g. a model with a fixed batch dim
             logger.info("%s: no second batch size (%s)", task.name, str(exc).splitlines()[0])
     row.update({
-        "layers": s["layers_factorised"],
+        "layers": s["layers_changed"],
         "candidates": sum(1 for r in report.records if r.kind),
         "params_ratio": s["params_ratio"], "macs_ratio": s["macs_ratio"],
         "params_before": s["params_before"], "params_after": s["params_after"],
@@ -200,7 +200,8 @@ def one_setting(task, label: str, kwargs: dict, ctx: dict, args) -> dict:
                        "optimised": [cand.p10_ms, cand.median_ms, cand.p90_ms],
                        "rounds": base.iterations},
         "ranks": {r.name: list(r.ranks) for r in report.records if r.factorised and r.ranks},
-        "methods": {r.name: r.method for r in report.records if r.factorised},
+        "kept_channels": {r.name: r.kept_channels for r in report.records if r.pruned},
+        "methods": {r.name: r.method for r in report.records if r.changed},
     })
     if report.search:  # what the search saw: enough to tell why it chose what it chose
         keep = ("metric", "max_drop", "score_before", "score_after", "drop", "inputs",
@@ -209,7 +210,7 @@ def one_setting(task, label: str, kwargs: dict, ctx: dict, args) -> dict:
                 "returned")
         row["search"] = {k: report.search.get(k) for k in keep if k in report.search}
         row["search"]["declined"] = {r.name: r.reason for r in report.records
-                                     if r.kind and not r.factorised}
+                                     if r.kind and not r.changed}
     return row
 
 

@@ -79,7 +79,7 @@ def accept_by_latency(build, verifier, records: list[LayerRecord], keep: dict[st
     for rec in rebuilt:
         options, best = trials.get(rec.name), chosen.get(rec.name)
         if options is not None:
-            if rec.status != FACTORISED and rec.name in keep:
+            if not rec.changed and rec.name in keep:
                 reason = keep[rec.name]
                 rec = before[rec.name]
                 rec.status, rec.reason = REVERTED, reason

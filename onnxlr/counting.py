@@ -91,7 +91,7 @@ def recount(original: onnx.ModelProto, result: onnx.ModelProto, records,
         scale = batch if rec.kind in ("gemm", "matmul") else 1
         rec.macs_before = int(round(before[rec.name] / scale))
         rec.macs_after = int(round(sum(parts) / scale)) if parts else rec.macs_before
-        if not rec.factorised and not parts:
+        if not rec.changed and not parts:
             rec.macs_after = rec.macs_before
         rec.extra["macs_note"] = PER_SAMPLE
         changed += 1

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from onnxlr.records import DECLINED
+
 
 def human(n: float) -> str:
     """1234567 → '1.23M' (params, MACs)."""
@@ -154,3 +156,23 @@ def fmt_value(v: Any) -> str:
     if isinstance(v, dict):
         return "{" + ", ".join(f"{k}: {fmt_value(x)}" for k, x in v.items()) + "}"
     return str(v)
+
+
+def kept(rec: Any, sign: str = "x", empty: str = "-") -> str:
+    """What a layer record kept: a factorised layer's ranks ('8x4'), a pruned layer's channels
+    ('24 ch'); ``empty`` for a layer that was never built (declined)."""
+    if rec.ranks and rec.weight_error is not None:
+        return sign.join(map(str, rec.ranks))
+    if rec.kept_channels is not None and rec.status != DECLINED:
+        return f"{rec.kept_channels} ch"
+    return empty
+
+
+def layer_error(rec: Any, spec: str = ".3f", empty: str = "-") -> str:
+    """A layer's own error: a factorised layer's weight error ('0.123'), a pruned layer's
+    output error on its fitting samples, marked as such ('fit 0.012')."""
+    if rec.weight_error is not None:
+        return format(rec.weight_error, spec)
+    if rec.fit_error is not None:
+        return "fit " + format(rec.fit_error, spec)
+    return empty

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 from onnxlr import charts
 from onnxlr.charts import BEFORE, PALETTE, esc, ms, num
-from onnxlr.records import FACTORISED
 
 if TYPE_CHECKING:
     from onnxlr.report import Report
@@ -24,6 +23,14 @@ def err(v) -> str:
 
 def _ranks(ranks) -> str:
     return "×".join(map(str, ranks or []))
+
+
+def _final(x) -> list[int]:
+    """What the layer kept, in its candidates' terms: the ranks, or a pruned layer's channel
+    count (its rungs' one "rank")."""
+    if x.ranks:
+        return list(x.ranks)
+    return [x.kept_channels] if x.kept_channels is not None else []
 
 
 def _tip(name: str, c: dict, kept: bool) -> str:
@@ -54,9 +61,9 @@ def _macs_unit(x) -> float:
     """The factor that puts a layer's candidate MACs in its record's unit. The search counts
     a Gemm candidate's MACs for the whole timing batch, the record for one sample: the kept
     candidate, whose MACs the record also holds, gives the factor (1 when they agree)."""
-    if x.status != FACTORISED or not x.macs_after:
+    if not x.changed or not x.macs_after:
         return 1.0
-    kept = [c for c in _usable(x) if list(c["ranks"]) == list(x.ranks or []) and c.get("macs")]
+    kept = [c for c in _usable(x) if list(c["ranks"]) == _final(x) and c.get("macs")]
     return x.macs_after / kept[0]["macs"] if kept else 1.0
 
 
@@ -72,7 +79,7 @@ def error_vs_rank(x, colour: str, kind: str) -> str:
     cands = [(xv, c) for c in _usable(x) if (xv := _x(kind, x, c, unit)) is not None]
     if len(cands) < 2:
         return ""
-    kept = x.status == FACTORISED
+    kept = x.changed
     series = []
     for key, col, dashed, name in (("local_error", colour, False, "local"),
                                    ("weight_error", BEFORE, True, "weight")):
@@ -82,7 +89,7 @@ def error_vs_rank(x, colour: str, kind: str) -> str:
             series.append((name, col, dashed, pts))
     ring, note = None, f"{x.status}: nothing kept"
     if kept:
-        final = list(x.ranks or [])
+        final = _final(x)
         same = [(xv, c) for xv, c in cands if list(c["ranks"]) == final]
         chosen = same or [(xv, c) for xv, c in cands if c.get("chosen")]
         if chosen:
@@ -104,7 +111,7 @@ def scatter_points(r: Report) -> tuple[list[dict], dict[str, str], bool]:
     measured = any(isinstance(c, dict) and c.get("latency_ms")
                    for x in r.shown for c in x.candidates)
     for x in r.shown:
-        kept = x.status == FACTORISED
+        kept = x.changed
         for c in x.candidates:
             if not isinstance(c, dict):
                 continue

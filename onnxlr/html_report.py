@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 
 from onnxlr import __version__, charts
 from onnxlr.charts import AFTER, BEFORE, PALETTE, esc
-from onnxlr.formats import (describe_setup, fmt_value, human, interval, points, size, speed,
-                            uncertain)
+from onnxlr.formats import (describe_setup, fmt_value, human, interval, kept, layer_error, points,
+                            size, speed, uncertain)
 from onnxlr.html_candidates import candidates_section, err
-from onnxlr.records import DECLINED, FACTORISED, REVERTED
+from onnxlr.records import DECLINED, FACTORISED, PRUNED, REVERTED
 
 if TYPE_CHECKING:  # the report imports this module to render itself, never the reverse
     from onnxlr.report import Report
@@ -110,7 +110,7 @@ def _what(r: Report) -> str:
         bits.append(f"{esc(name)} <strong>{esc(_score(name, before))} → "
                     f"{esc(_score(name, after))}</strong>{esc(change)}"
                     + (f" on {esc(on)}" if on else ""))
-    n = len(r.factorised)
+    n = len(r.changed)
     bits.append(f"{n} of {len(r.shown)} layers changed")
     return '<p class="what">' + " · ".join(bits) + "</p>"
 
@@ -153,8 +153,10 @@ def _cards(r: Report) -> str:
                            f"original {_score(name, before)} ({change})",
                            "bad" if before - after > (r.search or {}).get("max_drop",
                                                                       ACCURACY_DROP) else ""))
-    counts = {s: sum(1 for x in r.shown if x.status == s) for s in (FACTORISED, REVERTED, DECLINED)}
-    cards.append(_card("layers factorised", f"{counts[FACTORISED]} of {len(r.shown)}",
+    counts = {s: sum(1 for x in r.shown if x.status == s)
+              for s in (FACTORISED, PRUNED, REVERTED, DECLINED)}
+    cards.append(_card("layers changed", f"{counts[FACTORISED] + counts[PRUNED]} of {len(r.shown)}",
+                       f"{counts[FACTORISED]} factorised · {counts[PRUNED]} pruned · "
                        f"{counts[REVERTED]} reverted · {counts[DECLINED]} declined"))
     return '<section class="cards">' + "".join(cards) + "</section>"
 
@@ -183,7 +185,7 @@ def _attention(r: Report) -> str:
     elif r.speedup is not None and r.speedup < 1:
         notes.append(f"The optimised model measured slower end to end ({r.speedup:.2f}×).")
     slower = []
-    for x in r.factorised:
+    for x in r.changed:
         p = (r.profile or {}).get(x.name) or {}
         before, after = p.get("before_ms"), p.get("after_ms")
         if not (before and after):
@@ -191,7 +193,7 @@ def _attention(r: Report) -> str:
         if before and after and after > before:
             slower.append(f"{x.name} ({before / after:.2f}×)")
     if slower:
-        notes.append("Factorised but slower than before: " + ", ".join(slower) + ".")
+        notes.append("Changed but slower than before: " + ", ".join(slower) + ".")
     if not notes:
         return ""
     return ('<div class="callout"><strong>Look at this first</strong><ul>'
@@ -199,7 +201,7 @@ def _attention(r: Report) -> str:
 
 
 def _profile_speedup(r: Report) -> float | None:
-    names = {x.name for x in r.factorised}
+    names = {x.name for x in r.changed}
     rows = [v for k, v in (r.profile or {}).items() if k in names]
     before = sum(v.get("before_ms") or 0 for v in rows)
     after = sum(v.get("after_ms") or 0 for v in rows)
@@ -330,11 +332,11 @@ def _table(r: Report) -> str:
     head += (["alone ms"] if alone else []) + (["in model ms"] if r.profile else []) + ["status"]
     rows = []
     for x in r.shown:
-        done = x.status == FACTORISED
+        done = x.changed
         p_after = x.params_after if done else x.params_before
         m_after = x.macs_after if done else x.macs_before
         share = 100.0 * m_after / x.macs_before if x.macs_before else 100.0
-        ranks = "×".join(map(str, x.ranks)) if x.ranks and x.weight_error is not None else ""
+        ranks = kept(x, "×", "")
         method = " · ".join(s for s in (x.method or "–", ranks) if s)
         reason = f'<span class="reason">{esc(x.reason)}</span>' if x.reason else ""
         pill = f'<span class="pill {esc(x.status)}">{esc(x.status)}</span>'
@@ -348,7 +350,7 @@ def _table(r: Report) -> str:
             f'<span class="meter" title="{share:.0f}% of the MACs left">'
             f'<span class="{"" if done else "same"}" style="width: {min(100.0, share):.0f}%">'
             "</span></span></td>",
-            f'<td class="n secondary">{esc(err(x.weight_error))}</td>',
+            f'<td class="n secondary">{esc(layer_error(x, ".3g", "–"))}</td>',
             f'<td class="n">{esc(err(x.output_error))}</td>',
         ]
         if alone:

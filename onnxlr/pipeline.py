@@ -26,7 +26,7 @@ from onnxlr.accept import accept_by_latency, end_to_end
 from onnxlr.io import check_model, load_model, weights_by_reference
 from onnxlr.passes.factorize import Factorize, FactorizeConfig
 from onnxlr.passes.prepare import name_nodes, prepare  # noqa: F401 (public: pipeline.prepare)
-from onnxlr.records import FACTORISED, REVERTED, LayerRecord
+from onnxlr.records import REVERTED, LayerRecord
 from onnxlr.report import Report
 from onnxlr.settings import OptimizeOptions, default, make_options
 from onnxlr.settings import parse_layer_ranks  # noqa: F401 (re-exported: its old home)
@@ -324,7 +324,7 @@ def _give_back(original: onnx.ModelProto, report: Report) -> tuple[onnx.ModelPro
     why = (f"the whole model measured {lat['speedup']:.2f}x ({lat['before_ms']:.3g} → "
            f"{lat['after_ms']:.3g} ms): --accept latency returns the input unchanged")
     for rec in report.records:
-        if rec.status == FACTORISED:
+        if rec.changed:
             rec.status, rec.reason = REVERTED, why
     report.latency = {**lat, "returned": "input", "after_ms": lat["before_ms"], "speedup": 1.0,
                       "rejected_speedup": lat["speedup"]}
@@ -339,12 +339,12 @@ def _back_off(build: _Builder, verifier, records, comparison, keep):
 
     def alone(name: str) -> tuple[float | None, LayerRecord]:
         others = {r.name: "measuring one layer alone" for r in records
-                  if r.status == FACTORISED and r.name != name}
+                  if r.changed and r.name != name}
         model, recs = build({**keep, **others})
         rec = next(r for r in recs if r.name == name)
-        return (verifier.compare(model).worst_rel_l2 if rec.status == FACTORISED else None), rec
+        return (verifier.compare(model).worst_rel_l2 if rec.changed else None), rec
 
-    solo = {r.name: alone(r.name)[0] for r in records if r.status == FACTORISED}
+    solo = {r.name: alone(r.name)[0] for r in records if r.changed}
     measured = dict(solo)
     reverted: dict[str, str] = {}
     while not comparison and solo:
@@ -352,8 +352,8 @@ def _back_off(build: _Builder, verifier, records, comparison, keep):
         scale = build.config.rank_scale
         build.reconfigure(rank_scale={**scale, worst: scale.get(worst, 1.0) * 2})
         error, rec = alone(worst)
-        if rec.ranks is not None:
-            first[worst] = rec  # report the ranks last tried, not the first ones
+        if rec.ranks is not None or rec.kept_channels is not None:
+            first[worst] = rec  # report the ranks (channels) last tried, not the first ones
         if error is None:  # bigger ranks would not save anything: give the layer back
             reverted[worst] = keep[worst] = (
                 f"alone it adds output error {solo.pop(worst):.4g} at its largest saving ranks; "
@@ -380,8 +380,9 @@ def _back_off(build: _Builder, verifier, records, comparison, keep):
 
 def add_provenance(model: onnx.ModelProto, report: Report) -> onnx.ModelProto:
     """Record onnxlr's version, settings and per-layer ranks in ``metadata_props``."""
-    layers = {r.name: {"method": r.method, "ranks": list(r.ranks)}
-              for r in report.records if r.status == FACTORISED}
+    layers = {r.name: ({"method": r.method, "ranks": list(r.ranks)} if r.factorised else
+                       {"method": r.method, "kept_channels": r.kept_channels})
+              for r in report.records if r.changed}
     # calibration data shaped the result if any layer used its statistics, or if the pass
     # itself fitted on it (channel pruning, thin layers, the search's refit and judging)
     calibrated = report.calibrated or any(r.extra.get("data_aware") for r in report.records)

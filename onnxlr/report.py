@@ -12,7 +12,8 @@ package; the tests validate real reports against it)::
     schema        "onnxlr.report/1"
     source        input path or null
     settings      {method, rank, rank_multiple, max_error, accept}
-    summary       {layers_factorised, layers_considered, params_before, params_after,
+    summary       {layers_factorised, layers_pruned, layers_changed (= factorised + pruned),
+                   layers_considered, params_before, params_after,
                    macs_before, macs_after, params_ratio, macs_ratio (after/before),
                    output_error, bound_met, accuracy_before, accuracy_after, seconds,
                    macs_reduction (before/after), speedup (measured end to end),
@@ -27,11 +28,18 @@ package; the tests validate real reports against it)::
                   model; "(other)" holds the ops outside every layer)
     budget        null or the budget's own dict (targets, achieved, which constraint bound)
     layers        [LayerRecord.to_dict() + {layer_speedup}]: name, op, kind, weight_shape,
-                  method, rank_rule, ranks, params_*, macs_*, weight_error, output_error,
-                  status (factorised | declined | reverted), reason, seconds,
+                  method, rank_rule, ranks, kept_channels, params_*, macs_*, weight_error,
+                  fit_error, output_error, status (factorised | pruned | declined |
+                  reverted), reason, seconds,
                   latency_before_ms, latency_after_ms (the layer timed alone),
                   candidates [{ranks, macs, weight_error, local_error, latency_ms, chosen, ...}],
                   extra, layer_speedup
+
+A factorised layer has ``ranks`` and ``weight_error``; a pruned one (channel pruning, thin
+layers, a search's prune rung) has ``kept_channels`` and ``fit_error`` (its refit output's
+error on the fitting samples) instead. Until ``layers_pruned`` was added, pruned layers were
+written as ``factorised`` with their channel count in ``ranks``: ``layers_factorised`` counted
+them, ``layers_changed`` is that count now.
 
 MACs count the candidate layers only, so ``macs_reduction`` is the ideal speed-up of those
 layers; ``efficiency`` = measured end-to-end speed-up ÷ that reduction: 1.0 means the FLOP
@@ -47,7 +55,7 @@ from typing import Any
 
 from onnxlr import escape, formats, text_table
 from onnxlr.formats import describe_setup, fmt_value, human, ms_pair, ratio, size, speed
-from onnxlr.records import FACTORISED, LayerRecord
+from onnxlr.records import LayerRecord
 
 __all__ = ["Report", "SCHEMA", "describe_setup", "fmt_value", "human", "md_cell", "ms_pair",
            "printable"]
@@ -97,7 +105,7 @@ class Report:
 
     @property
     def params_after(self) -> int:
-        return sum(r.params_after if r.status == FACTORISED else r.params_before
+        return sum(r.params_after if r.changed else r.params_before
                    for r in self.records)
 
     @property
@@ -106,12 +114,21 @@ class Report:
 
     @property
     def macs_after(self) -> int:
-        return sum(r.macs_after if r.status == FACTORISED else r.macs_before
+        return sum(r.macs_after if r.changed else r.macs_before
                    for r in self.records)
 
     @property
     def factorised(self) -> list[LayerRecord]:
-        return [r for r in self.records if r.status == FACTORISED]
+        return [r for r in self.records if r.factorised]
+
+    @property
+    def pruned(self) -> list[LayerRecord]:
+        return [r for r in self.records if r.pruned]
+
+    @property
+    def changed(self) -> list[LayerRecord]:
+        """The layers that are different in the result: factorised or pruned."""
+        return [r for r in self.records if r.changed]
 
     @property
     def bound_met(self) -> bool | None:
@@ -155,6 +172,8 @@ class Report:
                          "accept": self.accept},
             "summary": {
                 "layers_factorised": len(self.factorised),
+                "layers_pruned": len(self.pruned),
+                "layers_changed": len(self.changed),
                 "layers_considered": len(self.records),
                 "params_before": self.params_before, "params_after": self.params_after,
                 "macs_before": self.macs_before, "macs_after": self.macs_after,
@@ -203,10 +222,10 @@ class Report:
         for r in self.shown:
             row = [
                 r.name, r.op, "x".join(map(str, r.weight_shape)) or "-", r.method or "-",
-                "x".join(map(str, r.ranks)) if r.ranks and r.weight_error is not None else "-",
-                f"{human(r.params_before)}→{human(r.params_after if r.factorised else r.params_before)}",
-                f"{human(r.macs_before)}→{human(r.macs_after if r.factorised else r.macs_before)}",
-                "-" if r.weight_error is None else f"{r.weight_error:.3f}",
+                formats.kept(r),
+                f"{human(r.params_before)}→{human(r.params_after if r.changed else r.params_before)}",
+                f"{human(r.macs_before)}→{human(r.macs_after if r.changed else r.macs_before)}",
+                formats.layer_error(r),
                 "-" if r.output_error is None else f"{r.output_error:.3g}",
             ]
             if alone:
@@ -214,7 +233,7 @@ class Report:
             if profiled:
                 p = self.profile.get(r.name) or {}
                 row.append(ms_pair(p.get("before_ms"), p.get("after_ms")))
-            row.append(r.status if r.status == FACTORISED else f"{r.status}: {r.reason}")
+            row.append(r.status if r.changed else f"{r.status}: {r.reason}")
             rows.append(row)
         return rows
 
@@ -242,7 +261,8 @@ class Report:
 
     def summary_lines(self) -> list[str]:
         lines = [
-            f"layers factorised: {len(self.factorised)} of {len(self.shown)} candidates",
+            f"layers changed: {len(self.changed)} of {len(self.shown)} candidates"
+            f" ({len(self.factorised)} factorised, {len(self.pruned)} pruned)",
             f"params: {human(self.params_before)} → {human(self.params_after)} "
             f"({size(self.params_after, self.params_before, 'params', digits=3)})",
             f"MACs (candidate layers): {human(self.macs_before)} → {human(self.macs_after)} "
@@ -324,13 +344,13 @@ class Report:
     def _profile_lines(self) -> list[str]:
         if not self.profile:
             return []
-        names = {r.name for r in self.factorised}
+        names = {r.name for r in self.changed}
         mine = [v for k, v in self.profile.items() if k in names]
         before = sum(v.get("before_ms") or 0 for v in mine)
         after = sum(v.get("after_ms") or 0 for v in mine)
         total_b = sum(v.get("before_ms") or 0 for v in self.profile.values())
         total_a = sum(v.get("after_ms") or 0 for v in self.profile.values())
-        line = (f"profiled inside the model: factorised layers {before:.3f} → {after:.3f} ms"
+        line = (f"profiled inside the model: changed layers {before:.3f} → {after:.3f} ms"
                 f" of {total_b:.3f} → {total_a:.3f} ms in all kernels")
         return [line]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import textwrap
 
-from onnxlr.records import DECLINED, FACTORISED
+from onnxlr.records import CHANGED, DECLINED
 
 #: Below this many columns the blocks would be mostly wrapping: lay them out at this width.
 NARROWEST = 40
@@ -66,7 +66,7 @@ def blocks(header: list[str], rows: list[list[str]], statuses: list[tuple[str, s
         out += name_lines(f"{row[0]} ({row[1]} {row[2]})", status)
         if status != DECLINED:
             out += numbers_lines(row)
-        if reason and status != FACTORISED:
+        if reason and status not in CHANGED:
             out += textwrap.wrap(reason, width, initial_indent="  ", subsequent_indent="  ",
                                  break_on_hyphens=False)
     return out

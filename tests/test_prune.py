@@ -30,7 +30,7 @@ from onnxlr.linalg.channel_select import (
 from onnxlr.passes.factorize import FactorizeConfig
 from onnxlr.passes.prune import PrunePass
 from onnxlr.rank import parse_rank
-from onnxlr.records import FACTORISED
+from onnxlr.records import FACTORISED, PRUNED
 
 R = np.random.default_rng(0)
 
@@ -208,7 +208,8 @@ def test_prune_finds_dead_and_duplicate_channels_exactly(geometry):
     model, x, params = two_convs(geometry)
     out, records = run_pass(model, [{"x": x}], rank="5")
     rec = records["conv2"]
-    assert rec.status == FACTORISED and rec.method == "prune" and rec.ranks == (5,)
+    assert rec.status == PRUNED and rec.method == "prune" and rec.kept_channels == 5
+    assert rec.ranks is None and rec.weight_error is None
     removed = set(rec.extra["removed"])
     assert 5 in removed and len(removed & {0, 6}) == 1 and len(removed & {1, 7}) == 1
     kept = sorted(set(range(8)) - removed)
@@ -217,14 +218,14 @@ def test_prune_finds_dead_and_duplicate_channels_exactly(geometry):
     assert np.array_equal(b1_new, params[1][kept])
     assert node_input(out, "conv2", 1).shape == (6, 5, 3, 3)
     assert rel(run(out, x), reference(x, params, geometry)) < 2e-5
-    assert rec.weight_error < 1e-4
-    assert records["conv1"].status != FACTORISED  # its input is the graph input
+    assert rec.fit_error < 1e-4
+    assert not records["conv1"].changed  # its input is the graph input
 
 
 def test_prune_1x1_consumer():
     model, x, params = two_convs({}, k2=1)
     out, records = run_pass(model, [{"x": x}], rank="5")
-    assert records["conv2"].status == FACTORISED
+    assert records["conv2"].status == PRUNED and records["conv2"].kept_channels == 5
     assert node_input(out, "conv2", 1).shape == (6, 5, 1, 1)
     assert rel(run(out, x), reference(x, params, {})) < 2e-5
 
@@ -239,7 +240,7 @@ def test_batchnorm_and_pool_channels_removed_consistently():
     model, x, params = two_convs(geometry, bn=bn, pool=True)
     out, records = run_pass(model, [{"x": x}], rank="0.5", max_rows=10**6)
     rec = records["conv2"]
-    assert rec.status == FACTORISED and rec.ranks == (4,)
+    assert rec.status == PRUNED and rec.kept_channels == 4 and rec.ranks is None
     kept = sorted(set(range(c)) - set(rec.extra["removed"]))
     for i, name in enumerate(("g", "be", "mu", "var")):
         assert np.array_equal(node_input(out, "bn1", i + 1), bn[i][kept])
@@ -254,8 +255,8 @@ def test_batchnorm_and_pool_channels_removed_consistently():
     assert p1.shape[1] == 4 and rel(p1, h[:, kept]) < 1e-5
     # every position of every sample was used: the reported error is the output's
     y0 = run(model, x)
-    assert abs(rel(run(out, x), y0) - rec.weight_error) < 1e-3
-    assert 0 < rec.weight_error < 0.9
+    assert abs(rel(run(out, x), y0) - rec.fit_error) < 1e-3
+    assert 0 < rec.fit_error < 0.9 and rec.weight_error is None
 
 
 @pytest.mark.parametrize("flatten", ["Flatten", "Reshape0", "ReshapeExplicit"])
@@ -283,7 +284,7 @@ def test_flatten_into_gemm_removes_column_blocks(flatten):
     x = r.standard_normal((160, 2, 4, 4)).astype(np.float32)
     out, records = run_pass(model, [{"x": x}], rank="4")
     rec = records["fc"]
-    assert rec.status == FACTORISED, rec.reason
+    assert rec.status == PRUNED and rec.kept_channels == 4, rec.reason
     removed = set(rec.extra["removed"])
     assert 2 in removed and len(removed & {1, 4}) == 1
     assert node_input(out, "fc", 1).shape == (5, 4 * hw)
@@ -306,7 +307,7 @@ def test_residual_add_declined_with_reasons():
     model = residual_model()
     x = R.standard_normal((8, 3, 6, 6)).astype(np.float32)
     _, records = run_pass(model, [{"x": x}])
-    assert not any(r.status == FACTORISED for r in records.values())
+    assert not any(r.changed for r in records.values())
     assert "feeds 2 nodes" in records["conv_b"].reason
     assert "residual Add" in records["conv_c"].reason
     assert "graph input" in records["conv_a"].reason
@@ -338,7 +339,7 @@ def test_prune_without_calibration_declines():
     model, _, _ = two_convs({})
     _, records = run_pass(model, None)
     assert "--calib" in records["conv2"].reason
-    assert not any(r.status == FACTORISED for r in records.values())
+    assert not any(r.changed for r in records.values())
 
 
 def small_cnn(seed=1):
@@ -374,8 +375,9 @@ def test_record_totals_match_the_model():
     """Each unit changes two layers; the records' totals must still be the model's."""
     model, x = small_cnn()
     out, records = run_pass(model, [{"x": x}], rank="0.5")
-    assert [r.status for r in records.values()].count(FACTORISED) == 4  # all but conv1
-    after = sum(r.params_after if r.status == FACTORISED else r.params_before
+    assert [r.status for r in records.values()].count(PRUNED) == 4  # all but conv1
+    assert FACTORISED not in [r.status for r in records.values()]
+    after = sum(r.params_after if r.status == PRUNED else r.params_before
                 for r in records.values())
     before = sum(r.params_before for r in records.values())
     assert after == count(out)[0] and before == count(model)[0]
@@ -388,9 +390,9 @@ def test_mac_target():
     model, x = small_cnn()
     _, records = run_pass(model, [{"x": x}], target_macs=0.4)
     before = sum(r.macs_before for r in records.values())
-    after = sum(r.macs_after if r.status == FACTORISED else r.macs_before for r in records.values())
+    after = sum(r.macs_after if r.status == PRUNED else r.macs_before for r in records.values())
     assert 0.25 < after / before <= 0.4
-    assert all("MAC target" in r.rank_rule for r in records.values() if r.status == FACTORISED)
+    assert all("MAC target" in r.rank_rule for r in records.values() if r.status == PRUNED)
 
 
 def test_rank_rules_without_a_count_decline():
@@ -404,8 +406,8 @@ def test_back_off_scale_keeps_more_channels():
     graph = to_graph(model)
     config = FactorizeConfig(methods={}, rank=parse_rank("0.25"), rank_scale={"conv2": 2.0})
     result = PrunePass(config, calibration=[{"x": x}])(graph)
-    ranks = {r.name: r.ranks for r in result.records}
-    assert ranks["conv2"] == (4,) and ranks["conv3"] == (4,)  # 0.25 of 8 = 2, ×2; 0.25 of 16
+    kept = {r.name: r.kept_channels for r in result.records}
+    assert kept["conv2"] == 4 and kept["conv3"] == 4  # 0.25 of 8 = 2, ×2; 0.25 of 16
     keep = {"conv3": "reverted"}
     result = PrunePass(config, keep, calibration=[{"x": x}])(to_graph(model))
     assert next(r for r in result.records if r.name == "conv3").reason == "reverted"
@@ -433,7 +435,47 @@ def test_optimize_prune_with_back_off_reports_the_returned_model(tmp_path):
     assert report.params_after == count(result)[0]
     assert report.macs_after == count_macs(result)
     assert report.params_before == count(model)[0]
-    assert {r.method for r in report.factorised} <= {"prune"}
+    assert not report.factorised and {r.method for r in report.changed} <= {"prune"}
+
+
+def test_a_pruned_layer_is_recorded_as_pruned_in_the_record_text_json_and_html(tmp_path):
+    """A pruned layer says so: status pruned, its kept channels and its fit error (not ranks,
+    not a weight error), in the record, the text report, the JSON (schema-valid) and the HTML."""
+    import json
+
+    import jsonschema
+
+    from onnxlr.pipeline import optimize
+    from onnxlr.recipe import REPORT_SCHEMA
+    model, x = small_cnn()
+    np.savez(tmp_path / "calib.npz", x=x)
+    result, report = optimize(model, method="prune", rank="0.5", calib=str(tmp_path / "calib.npz"),
+                              max_error=None, measure_latency=False, latency_cache=None)
+    recs = {r.name: r for r in report.records}
+    rec = recs["conv2"]                       # 8 input channels, half kept
+    assert rec.status == PRUNED and rec.pruned and rec.changed and not rec.factorised
+    assert rec.kept_channels == 4 and rec.extra["channels"] == 8
+    assert rec.ranks is None and rec.weight_error is None
+    assert 0 <= rec.fit_error < 1 and "error_kind" not in rec.extra
+    assert node_input(result, "conv2", 1).shape[1] == 4
+    assert not report.factorised and report.pruned and report.changed == report.pruned
+    text = report.to_text()
+    row = next(line for line in text.splitlines() if line.startswith("conv2 "))
+    assert "4 ch" in row and f"fit {rec.fit_error:.3f}" in row and row.rstrip().endswith("pruned")
+    assert (f"layers changed: {len(report.pruned)} of {len(report.shown)} candidates "
+            f"(0 factorised, {len(report.pruned)} pruned)") in text
+    data = json.loads(report.to_json())
+    jsonschema.Draft202012Validator(json.loads(REPORT_SCHEMA.read_text())).validate(data)
+    s = data["summary"]
+    assert s["layers_pruned"] == s["layers_changed"] == len(report.pruned) >= 4
+    assert s["layers_factorised"] == 0
+    layer = next(d for d in data["layers"] if d["name"] == "conv2")
+    assert layer["status"] == "pruned" and layer["kept_channels"] == 4
+    assert layer["ranks"] is None and layer["weight_error"] is None
+    assert layer["fit_error"] == pytest.approx(rec.fit_error)
+    assert '<span class="pill pruned">pruned</span>' in report.to_html()
+    meta = json.loads({p.key: p.value for p in result.metadata_props}["onnxlr.layers"])
+    assert meta["conv2"] == {"method": "prune", "kept_channels": 4}
 
 
 def test_cli_thin_and_method_errors(tmp_path, capsys):
@@ -467,7 +509,7 @@ def test_silu_diamond_is_one_per_channel_step():
     x = r.standard_normal((32, 2, 5, 5)).astype(np.float32)
     out, records = run_pass(model, [{"x": x}], rank="5")
     rec = records["conv2"]
-    assert rec.status == FACTORISED and rec.extra["removed"] == [3], rec.reason
+    assert rec.status == PRUNED and rec.extra["removed"] == [3], rec.reason
     assert "Sigmoid → Mul" in rec.extra["chain"]
     h = conv_nd(x, w1, pads=[1, 1, 1, 1])
     ref = conv_nd(h / (1 + np.exp(-h)), w2, pads=[1, 1, 1, 1])

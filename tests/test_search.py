@@ -187,7 +187,7 @@ def test_optimize_with_a_metric_keeps_it_and_is_never_slower(tmp_path):
     assert len(s["checks"]) <= 2 * np.log2(max(s["path_steps"], 2)) + 2 + 12
     assert report.latency is not None
     assert report.latency["speedup"] >= 1.0 or report.latency.get("returned") == "input"
-    chosen = [r for r in report.records if r.status == FACTORISED]
+    chosen = [r for r in report.records if r.changed]  # a prune rung is a changed layer too
     for rec in chosen:
         assert sum(c["chosen"] for c in rec.candidates) == 1
         assert rec.layer_speedup and rec.layer_speedup > 1.0  # measured faster alone

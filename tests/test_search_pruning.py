@@ -80,6 +80,30 @@ def test_pruning_the_producer_shrinks_its_rows(pruned_setup):
     assert conv2.inputs[1].values.shape[0] == KEEP["conv3"]
 
 
+def test_a_chosen_prune_rung_is_recorded_as_pruned(pruned_setup):
+    """The search's build (judge._prune) says what it did: fc2 pruned, with its kept channels
+    and its fit error, no ranks and no weight error; its producer's saving counted in its record."""
+    from onnxlr.methods import parse_method
+    from onnxlr.passes.factorize import Factorize, FactorizeConfig
+    from onnxlr.rank import parse_rank
+    from onnxlr.search.judge import _prune
+    prepared, _, fits = pruned_setup
+    graph = to_graph(prepared)
+    keep = {n.name: "search: kept" for n in graph.nodes if n.op in ("Conv", "Gemm", "MatMul")}
+    config = FactorizeConfig(methods=parse_method("auto"), rank=parse_rank("vbmf"))
+    records = Factorize(config, keep, {})(graph).records
+    _prune(graph, records, {"fc2": fits["fc2"]})
+    by = {r.name: r for r in records}
+    rec = by["fc2"]
+    assert rec.status == "pruned" and rec.changed and rec.method == PRUNE
+    assert rec.kept_channels == KEEP["fc2"] and rec.ranks is None and rec.weight_error is None
+    assert rec.fit_error == fits["fc2"].error and "error_kind" not in rec.extra
+    assert rec.extra["removed_channels"] == 24 - KEEP["fc2"] and rec.extra["producer"] == "fc1"
+    assert not by["fc1"].changed and by["fc1"].extra["changed_by"] == "fc2"
+    assert rec.params_after < rec.params_before
+    assert [r.name for r in records if r.changed] == ["fc2"]
+
+
 def _rung(speedup, drop, *, chain=False, producer=None):
     return Rung(Option(PRUNE if chain else "svd", (1,)), 10, 0.1, 0.1, 1.0, 1.0 / speedup,
                 drop=drop, distortion=0.0, scope="chain" if chain else "layer", producer=producer)

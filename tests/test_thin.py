@@ -20,7 +20,7 @@ from onnxlr.linalg.somp import somp
 from onnxlr.passes.factorize import FactorizeConfig
 from onnxlr.passes.thin import ThinPass
 from onnxlr.rank import parse_rank
-from onnxlr.records import FACTORISED
+from onnxlr.records import PRUNED
 
 R = np.random.default_rng(7)
 
@@ -111,8 +111,10 @@ def test_thin_data_free_through_a_linear_chain_is_exact():
     model, (b1, c1, b2, c2) = gemm_chain()
     out, records = run_thin(model, rank="5")
     rec = records["fc1"]
-    assert rec.status == FACTORISED and rec.method == "thin" and rec.ranks == (5,)
-    assert rec.weight_error < 1e-6 and "compensation" in rec.extra
+    assert rec.status == PRUNED and rec.method == "thin" and rec.kept_channels == 5
+    assert rec.ranks is None and rec.weight_error is None
+    # data-free: nothing was fitted; SOMP's row error says the kept rows span the rest
+    assert rec.fit_error is None and rec.extra["somp_error"] < 1e-6 and "compensation" in rec.extra
     assert node_input(out, "fc1", 1).shape == (5, 6)
     assert node_input(out, "fc2", 1).shape == (5, 5)
     assert "graph output" in records["fc2"].reason
@@ -141,7 +143,7 @@ def test_thin_with_calibration_refits_the_next_layer_exactly():
     x = R.standard_normal((64, 4, 6)).astype(np.float32)
     out, records = run_thin(model, [{"x": x}], rank="5")
     rec = records["proj1"]
-    assert rec.status == FACTORISED and rec.ranks == (5,), rec.reason
+    assert rec.status == PRUNED and rec.kept_channels == 5 and rec.ranks is None, rec.reason
     kept = sorted(set(range(8)) - set(rec.extra["removed"]))
     assert np.linalg.matrix_rank(w1[:, kept]) == 5
     assert np.array_equal(node_input(out, "bias1", 1), bias[kept])
@@ -149,7 +151,7 @@ def test_thin_with_calibration_refits_the_next_layer_exactly():
     x_test = R.standard_normal((16, 4, 6)).astype(np.float32)
     ref = (x_test.astype(np.float64) @ w1 + bias) @ w2
     assert rel(run(out, x_test), ref) < 1e-5
-    assert rec.weight_error < 1e-5
+    assert rec.fit_error < 1e-5 and rec.weight_error is None
 
 
 def test_thin_data_free_affine_chain_drops_columns():
@@ -158,7 +160,7 @@ def test_thin_data_free_affine_chain_drops_columns():
     model, _ = matmul_chain()
     out, records = run_thin(model, rank="5")
     rec = records["proj1"]
-    assert rec.status == FACTORISED and "compensation" not in rec.extra
+    assert rec.status == PRUNED and "compensation" not in rec.extra
     kept = sorted(set(range(8)) - set(rec.extra["removed"]))
     assert np.array_equal(node_input(out, "proj2", 1), node_input(model, "proj2", 1)[kept])
 
@@ -181,7 +183,7 @@ def test_thin_conv_with_calibration_exact_for_rescaled_filters():
     model, x, (w1, b1, w2) = conv_pair()
     out, records = run_thin(model, [{"x": x}], rank="4")
     rec = records["conv1"]
-    assert rec.status == FACTORISED
+    assert rec.status == PRUNED
     removed = set(rec.extra["removed"])
     assert len(removed & {0, 4}) == 1 and len(removed & {2, 5}) == 1
     ref = conv_nd(np.maximum(conv_nd(x, w1, b1, pads=[1, 1, 1, 1]), 0), w2, pads=[1, 1, 1, 1])
@@ -193,7 +195,7 @@ def test_thin_conv_data_free_drops_columns():
     out, records = run_thin(model, rank="3")
     rec = records["conv1"]
     kept = sorted(set(range(6)) - set(rec.extra["removed"]))
-    assert rec.status == FACTORISED and "compensation" not in rec.extra
+    assert rec.status == PRUNED and "compensation" not in rec.extra
     assert np.array_equal(node_input(out, "conv1", 1), w1[kept])
     assert np.array_equal(node_input(out, "conv2", 1), w2[:, kept])
     assert run(out, x).shape == (len(x), 3, 6, 6)

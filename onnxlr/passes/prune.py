@@ -45,7 +45,7 @@ from onnxlr.passes.channel_chains import (  # noqa: F401 (re-exported: the old h
     _set_consumer, chain_into, consumer_weight, producer_rows, rewrite, trace_chain)
 from onnxlr.passes.base import Pass, PassResult
 from onnxlr.rank import FixedRank, RankSelector, RatioRank, round_rank
-from onnxlr.records import FACTORISED, Declined, LayerRecord
+from onnxlr.records import PRUNED, Declined, LayerRecord
 from onnxlr.sites import find_site
 
 logger = logging.getLogger(__name__)
@@ -171,11 +171,11 @@ class ChannelPass(Pass):
                 continue
             unit.keep = counts.get(record.name, unit.keep)
             self._apply(graph, unit, original, applied, names)
-            if unit.record.status == FACTORISED:
+            if unit.record.status == PRUNED:
                 other = unit.chain.producer if self.unit == "consumer" else unit.chain.consumer
                 changed_by.setdefault(other.name, record.name)
         self._account(candidates, records, before, changed_by)
-        return PassResult(any(r.status == FACTORISED for r in records), records)
+        return PassResult(any(r.status == PRUNED for r in records), records)
 
     def _plan(self, graph: gs.Graph, node: gs.Node, before: dict, units: dict) -> LayerRecord:
         record = LayerRecord(name=node.name, op=node.op)
@@ -233,7 +233,7 @@ class ChannelPass(Pass):
         if isinstance(chain, str):  # an earlier unit changed the graph around this one
             record.reason = chain
             return
-        record.ranks = (keep,)
+        record.kept_channels = keep
         extra = record.extra
         extra.update(channels=chain.channels, producer=chain.producer.name,
                      consumer=chain.consumer.name, chain=chain.describe())
@@ -272,14 +272,12 @@ class ChannelPass(Pass):
                 new_w, delta, error = refit(stats, weight, kept)
             else:
                 new_w, delta = self._slice(chain, weight, kept, extra)
-                error = extra.get("somp_error")
+                error = None  # nothing fitted (SOMP's ‖W − A·W_kept‖/‖W‖ is extra["somp_error"])
         extra["removed"] = [int(c) for c in np.setdiff1d(np.arange(chain.channels), kept)]
-        extra["error_kind"] = ("relative L2 error of the layer's output on calibration data"
-                               if self.reconstruct == "ls" else "SOMP: ‖W − A·W_kept‖/‖W‖ of the "
-                               "producer" if self.select == "somp" else "not measured (data-free)")
         rewrite(chain, kept, new_w, delta, graph, names)
         applied.append((record.name, tuple(int(c) for c in kept)))
-        record.status, record.weight_error = FACTORISED, error
+        # the refit consumer's output error on the calibration rows (None: data-free slice)
+        record.status, record.fit_error = PRUNED, error
         record.seconds = time.perf_counter() - t0
         logger.info("%s: %s keeps %d of %d channels (%s), error %s", record.name, self.method, keep,
                     chain.channels, chain.describe(), error)
@@ -355,7 +353,7 @@ class ChannelPass(Pass):
             rec = by_name[node.name]
             params, macs = _cost(node)
             rec.extra.pop("_somp_coef", None)
-            if rec.status == FACTORISED:
+            if rec.status == PRUNED:
                 rec.params_after, rec.macs_after = params, macs
             elif (params, macs) != before[node.name]:
                 driver = by_name[changed_by[node.name]]

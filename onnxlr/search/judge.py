@@ -17,7 +17,7 @@ import onnx
 from onnxlr import runtime
 from onnxlr.graph import to_graph, to_model
 from onnxlr.passes.factorize import Factorize
-from onnxlr.records import FACTORISED
+from onnxlr.records import PRUNED
 from onnxlr.search.metrics import drop_bound, input_samples
 from onnxlr.search.pruning import PRUNE, layer_costs
 from onnxlr.search.pruning import apply as apply_pruning
@@ -166,7 +166,7 @@ def build_assignment(build, ladders, empty, assignment, allowed, fits=None):
             # recurrent time axis): count on the layer's captured input instead, per sample
             rec.macs_before = rec.macs_after = per_sample(lad.macs_before)
             rec.extra["macs_note"] = "MACs per sample, counted on the captured input's shape"
-        if j >= 0 and rec.status == FACTORISED:
+        if j >= 0 and rec.changed:
             rung = lad.rungs[j]
             rec.latency_before_ms, rec.latency_after_ms = rung.ms_before, rung.ms_after
             rec.rank_rule = "searched"
@@ -189,18 +189,17 @@ def _prune(graph, records, chosen: dict) -> None:
         if layer in failed:
             rec.reason = f"search: the chosen pruning no longer applies ({failed[layer]})"
             continue
-        rec.status, rec.reason, rec.method = FACTORISED, "", PRUNE
-        rec.ranks, rec.weight_error = (len(fitted.kept),), fitted.error
+        rec.status, rec.reason, rec.method = PRUNED, "", PRUNE
+        rec.ranks, rec.weight_error = None, None
+        rec.kept_channels, rec.fit_error = len(fitted.kept), fitted.error
         rec.extra.update(removed_channels=fitted.channels - len(fitted.kept),
-                         producer=fitted.producer,
-                         error_kind="relative L2 error of the layer's output on the fitting "
-                                    "samples")
+                         producer=fitted.producer)
     costs = layer_costs(graph)
     for rec in records:
         cost = costs.get(rec.name)
         if cost is None or cost == (rec.params_after, rec.macs_after):
             continue
-        if rec.status == FACTORISED:
+        if rec.changed:
             rec.params_after, rec.macs_after = cost
             continue
         driver = next((by[k] for k, f in chosen.items()

@@ -18,7 +18,7 @@ import onnx
 from onnxlr import runtime
 from onnxlr.methods import AUTO
 from onnxlr.passes.factorize import Factorize
-from onnxlr.records import FACTORISED, REVERTED
+from onnxlr.records import REVERTED
 from onnxlr.search.gated import GatedModel
 from onnxlr.search.ladders import AUTO_ALTERNATIVES, build_ladders
 from onnxlr.search.metrics import CONFIDENCE, check_reference, resolve_metric
@@ -215,7 +215,7 @@ def _give_back(original, records, latency):
     why = (f"the whole model measured {latency['speedup']:.2f}x ({latency['before_ms']:.3g} → "
            f"{latency['after_ms']:.3g} ms): the input is returned unchanged")
     for rec in records:
-        if rec.status == FACTORISED:
+        if rec.changed:
             rec.status, rec.reason = REVERTED, why
             rec.params_after, rec.macs_after = rec.params_before, rec.macs_before
     latency = {**latency, "returned": "input", "after_ms": latency["before_ms"], "speedup": 1.0,
