@@ -148,6 +148,18 @@ def test_a_low_rank_producer_under_a_pruned_consumer_is_the_built_model(pruned_s
     relu2 = next(n for n in g.nodes if n.name == "relu2")
     last = relu2.inputs[0].inputs[0]
     assert last.name.startswith("conv2/") and last.inputs[1].values.shape[0] == KEEP["conv3"]
+    # the search's accounting counts those rows gone from the factorised producer's record
+    from onnxlr.search.judge import _prune
+    from onnxlr.search.pruning import layer_costs
+    graph = to_graph(prepared)
+    records = Factorize(dc.replace(config, forced_ranks={"conv2": ranks},
+                                   forced_methods={"conv2": method}), keep, cache)(graph).records
+    before = next(r for r in records if r.name == "conv2")
+    macs_factorised = before.macs_after
+    _prune(graph, records, {"conv3": fits["conv3"]})
+    parts = [c for n, c in layer_costs(graph).items() if n.startswith("conv2/")]
+    assert before.macs_after == sum(m for _, m in parts) < macs_factorised
+    assert before.params_after == sum(p for p, _ in parts)
 
 
 def test_the_path_combines_prune_and_low_rank_rungs_freely():

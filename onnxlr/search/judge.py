@@ -17,7 +17,7 @@ import onnx
 from onnxlr import runtime
 from onnxlr.graph import to_graph, to_model
 from onnxlr.passes.factorize import Factorize
-from onnxlr.records import PRUNED
+from onnxlr.records import FACTORISED, PRUNED
 from onnxlr.search.metrics import drop_bound, input_samples
 from onnxlr.search.pruning import PRUNE, layer_costs
 from onnxlr.search.pruning import apply as apply_pruning
@@ -197,6 +197,11 @@ def _prune(graph, records, chosen: dict) -> None:
     costs = layer_costs(graph)
     for rec in records:
         cost = costs.get(rec.name)
+        if cost is None and rec.status == FACTORISED:
+            # a factorised layer's nodes are named under it ("<layer>/tucker/conv_out", …):
+            # its cost now, after a pruned consumer took rows off its last stage
+            parts = [c for name, c in costs.items() if name.startswith(rec.name + "/")]
+            cost = (sum(p for p, _ in parts), sum(m for _, m in parts)) if parts else None
         if cost is None or cost == (rec.params_after, rec.macs_after):
             continue
         if rec.changed:
