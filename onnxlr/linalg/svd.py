@@ -171,10 +171,15 @@ SVD_CACHE_BYTES = 256 << 20
 _svd_cache: OrderedDict = OrderedDict()
 
 
+def array_key(kind: str, a: np.ndarray, *extra) -> tuple:
+    """A cache key for a result computed from ``a`` (its shape and a digest of its bytes)."""
+    return (kind, *extra, a.shape,
+            hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).digest())
+
+
 def _remembered(kind: str, w: np.ndarray, compute) -> tuple:
     """``compute(w)`` (a tuple of arrays), remembered for the same matrix, read-only."""
-    key = (kind, w.shape, hashlib.blake2b(np.ascontiguousarray(w).tobytes(),
-                                          digest_size=16).digest())
+    key = array_key(kind, w)
     if key in _svd_cache:
         _svd_cache.move_to_end(key)
         return _svd_cache[key]

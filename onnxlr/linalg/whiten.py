@@ -33,7 +33,6 @@ number of calibration samples.
 """
 from __future__ import annotations
 
-import hashlib
 
 import logging
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 
-from onnxlr.linalg.svd import as_float64
+from onnxlr.linalg.svd import array_key, as_float64
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +84,13 @@ class LayerStats:
             m = (m + m.T) / 2
             m.flags.writeable = False
             self._cache[key] = m
+        return self._cache[key]
+
+    def remember(self, key: tuple, compute):
+        """``compute()``, once per ``key`` (e.g. :func:`onnxlr.linalg.svd.array_key` of a
+        layer's map) for these statistics: what every rung of one layer asks again."""
+        if key not in self._cache:
+            self._cache[key] = compute()
         return self._cache[key]
 
     def whitener(self, centred: bool) -> "Whitener":
@@ -191,10 +197,9 @@ def whitened_svd(a: np.ndarray, stats: LayerStats, k: int, *, centred: bool) -> 
         left, right = np.zeros((out, k)), np.zeros((k, d))
     else:
         # one SVD per (map, statistics): a search asks for several ranks of the same layer
-        key = ("svd", centred, DAMPING, a.shape, hashlib.blake2b(a.tobytes(), digest_size=16).digest())
-        if key not in stats._cache:
-            stats._cache[key] = scipy.linalg.svd(aw, full_matrices=False, lapack_driver="gesdd")
-        u, s, vt = stats._cache[key]
+        u, s, vt = stats.remember(
+            array_key("svd", a, centred, DAMPING),
+            lambda: scipy.linalg.svd(aw, full_matrices=False, lapack_driver="gesdd"))
         left = np.zeros((out, k))
         right = np.zeros((k, d))
         left[:, :kk] = u[:, :kk]
@@ -220,11 +225,7 @@ def output_error(a: np.ndarray, approx: np.ndarray, stats: LayerStats,
     if shift is not None:
         num += float(shift @ shift) - 2.0 * float(shift @ dmu)
     # the denominator is the same for every rung of a layer: once per (layer map, stats)
-    key = ("spread", a.shape, hashlib.blake2b(np.ascontiguousarray(a).tobytes(),
-                                              digest_size=16).digest())
-    if key not in stats._cache:
-        stats._cache[key] = _quadratic(a, stats.second_moment(True))
-    den = stats._cache[key]
+    den = stats.remember(array_key("spread", a), lambda: _quadratic(a, stats.second_moment(True)))
     if den <= 0:
         return 0.0 if num <= 1e-300 else float("inf")
     return float(np.sqrt(max(num, 0.0) / den))

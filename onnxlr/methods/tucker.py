@@ -23,7 +23,6 @@ the data.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxlr.graph import NameScope
+from onnxlr.linalg.svd import array_key
 from onnxlr.linalg.tucker import Tucker2, mode_products, tucker2, unfold, unfolding_singular_values
 from onnxlr.linalg.whiten import (LayerStats, output_error, refit_last, whitened_spectrum,
                                   whitened_svd)
@@ -122,12 +122,10 @@ def whitened_tucker(site: LayerSite, ranks: tuple[int, int],
     a = w.reshape(t, s * kk)
     if r_in < s:
         # the whitener and the input-side SVD are the layer's, not the rung's: once each
-        key = ("tucker input side", w.shape, hashlib.blake2b(w.tobytes(), digest_size=16).digest())
-        if key not in stats._cache:
+        def input_side():
             wh = channel_stats(stats, s, kk).whitener(True)
-            stats._cache[key] = (wh, np.linalg.svd(wh.factor.T @ unfold(w, 1),
-                                                   full_matrices=False)[0])
-        wh, u_full = stats._cache[key]
+            return wh, np.linalg.svd(wh.factor.T @ unfold(w, 1), full_matrices=False)[0]
+        wh, u_full = stats.remember(array_key("tucker input side", w), input_side)
         u = u_full[:, :r_in]
         u_in = np.linalg.qr((u.T @ wh.inverse).T)[0]  # orthonormal basis of the same rows
     else:
