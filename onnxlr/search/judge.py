@@ -195,9 +195,10 @@ def _prune(graph, records, chosen: dict) -> None:
         rec.extra.update(removed_channels=fitted.channels - len(fitted.kept),
                          producer=fitted.producer)
     costs = layer_costs(graph)
+    producers = {f.producer for k, f in chosen.items() if k not in failed}
     for rec in records:
         cost = costs.get(rec.name)
-        if cost is None and rec.status == FACTORISED:
+        if cost is None and rec.status == FACTORISED and rec.name in producers:
             # a factorised layer's nodes are named under it ("<layer>/tucker/conv_out", …):
             # its cost now, after a pruned consumer took rows off its last stage
             parts = [c for name, c in costs.items() if name.startswith(rec.name + "/")]

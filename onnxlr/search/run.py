@@ -21,8 +21,8 @@ from onnxlr.passes.factorize import Factorize
 from onnxlr.records import REVERTED
 from onnxlr.search.gated import GatedModel
 from onnxlr.search.ladders import AUTO_ALTERNATIVES, build_ladders
+from onnxlr.search.judge import Judge, session_for
 from onnxlr.search.metrics import CONFIDENCE, check_reference, resolve_metric
-from onnxlr.search.judge import REFIT_SECONDS, Judge, session_for  # noqa: F401 (re-exported)
 from onnxlr.search.planner import Planner, choose, greedy_path, subset
 from onnxlr.search.pruning import PRUNE, PruneBuilder, add_prune_rungs
 
