@@ -67,11 +67,11 @@ def row_cells(result: dict, row: dict) -> list[str]:
             _f(row.get("agreement")), _f(row.get("seconds"), ".0f")]
 
 
-def _speed(row: dict) -> str:
+def _speed(row: dict, other_batch: bool = True) -> str:
     if not row.get("layers"):  # the same model timed twice: its "speed-up" is noise
         return "– (unchanged)"
     text = _f(row.get("speedup"), ".2f") + "x"
-    other = row.get("speedup_other_batch")
+    other = row.get("speedup_other_batch") if other_batch else None
     if other:
         text += f" (b{other['batch']}: {other['speedup']:.2f}x)"
     return text
@@ -112,13 +112,9 @@ def headline(results: list[dict]) -> str:
             label = f"no safe setting; default: {why}"
         before, after = metric_pair(res, row)
         lines.append(f"| {res['name']} | {label or row['setting']} | {row['layers']}/{row['candidates']} | "
-                     f"{row['macs_ratio']:.3f}x | {_headline_speed(row)} | {res['metric']} | "
+                     f"{row['macs_ratio']:.3f}x | {_speed(row, other_batch=False)} | {res['metric']} | "
                      f"{_f(before)} → {_f(after)} |")
     return "\n".join(lines) + "\n"
-
-
-def _headline_speed(row: dict) -> str:
-    return f"{row['speedup']:.2f}x" if row.get("layers") else "– (unchanged)"
 
 
 def machine_line(machine: dict) -> str:
