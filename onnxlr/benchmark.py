@@ -40,6 +40,7 @@ from onnx import external_data_helper
 
 from onnxlr.bench_result import NOISY_SPREAD, SCHEMA, BenchResult, ModelBench  # noqa: F401
 from onnxlr.errors import OnnxlrError
+from onnxlr.graph import feedable_inputs
 from onnxlr.io import load_model
 from onnxlr.machine import PeakRSS, machine_description  # noqa: F401
 from onnxlr.runtime import (LatencyStats, interleaved_latency, make_inputs,  # noqa: F401
@@ -117,11 +118,8 @@ class _Info:
 
 
 def _input_spec(model: onnx.ModelProto) -> list[tuple[str, int, tuple | None]]:
-    inits = {t.name for t in model.graph.initializer}
     spec = []
-    for v in model.graph.input:
-        if v.name in inits:
-            continue
+    for v in feedable_inputs(model):
         tt = v.type.tensor_type
         dims = None
         if tt.HasField("shape"):

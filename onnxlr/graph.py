@@ -300,3 +300,10 @@ def static_shape(tensor: gs.Tensor) -> tuple[int | None, ...] | None:
     if shape is None:
         return None
     return tuple(d if isinstance(d, (int, np.integer)) and d >= 0 else None for d in shape)
+
+
+def feedable_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The graph inputs a caller feeds: those that are not initializers (old exports list
+    every weight as an input too)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [v for v in model.graph.input if v.name not in inits]

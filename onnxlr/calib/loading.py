@@ -44,6 +44,7 @@ import onnx
 
 from onnxlr.arrays import check_regular, load_npy, load_npz
 from onnxlr.errors import OnnxlrError
+from onnxlr.graph import feedable_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +72,8 @@ class _Chunk:
 
 
 def _model_inputs(model: onnx.ModelProto) -> list[_Input]:
-    inits = {t.name for t in model.graph.initializer}
     out = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
+    for vi in feedable_inputs(model):
         tt = vi.type.tensor_type
         if not vi.type.HasField("tensor_type"):
             raise OnnxlrError(f"input {vi.name!r} is not a tensor: cannot feed calibration data")

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from onnxlr.errors import OnnxlrError
+from onnxlr.graph import feedable_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +55,7 @@ def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _feedable_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    inits = {t.name for t in model.graph.initializer}
-    return [v for v in model.graph.input if v.name not in inits]
+_feedable_inputs = feedable_inputs  # its old name here
 
 
 #: Value of a dynamic non-batch dim (a sequence length, mostly) when neither --input-shape nor
@@ -226,7 +225,7 @@ def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | Non
             bad/incomplete ``npz``.
     """
     shapes = dict(shapes or {})
-    inputs = _feedable_inputs(model)
+    inputs = feedable_inputs(model)
     names = [v.name for v in inputs]
     unknown = sorted(set(shapes) - set(names))
     if unknown:
