@@ -22,13 +22,13 @@ from onnxlr.runtime.compare import (Comparison, OutputComparison, _compare_one, 
 from onnxlr.runtime.inputs import (DEFAULT_DIM, MAX_INPUT_ELEMENTS,  # noqa: F401
                                    _feedable_inputs, _load_npz, _resolve_shape, make_inputs,
                                    parse_input_shapes)
-from onnxlr.runtime.sessions import (_is_ort_error, _ort, _ort_message, _runner,  # noqa: F401
+from onnxlr.runtime.sessions import (TIMING_PROTOCOL, _is_ort_error, _ort, _ort_message, _runner,  # noqa: F401
                                      make_session, providers_for, run, session_options)
 from onnxlr.runtime.timing import (LatencyComparison, LatencyStats,  # noqa: F401
                                    interleaved_latency)
 
 __all__ = [
-    "Comparison", "LatencyComparison", "LatencyStats", "OutputComparison",
+    "TIMING_PROTOCOL", "Comparison", "LatencyComparison", "LatencyStats", "OutputComparison",
     "check_reference", "class_rows", "compare_outputs", "interleaved_latency", "make_inputs",
     "make_session", "parse_input_shapes", "providers_for", "run", "session_options",
 ]

@@ -155,7 +155,8 @@ def _chain_key(chain: ChannelChain, feed: np.ndarray, keep: int, timer) -> str:
                         [list(t.shape) for t in n.inputs if isinstance(t, gs.Constant)])
                        for n in [chain.producer, *chain.nodes, chain.consumer]],
              "input": [list(feed.shape), str(feed.dtype)], "keep": keep,
-             "provider": timer.provider, "threads": timer.threads, "ort": onnxruntime.__version__}
+             "provider": timer.provider, "threads": timer.threads, "ort": onnxruntime.__version__,
+             "protocol": runtime.TIMING_PROTOCOL}
     return "prune:" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
