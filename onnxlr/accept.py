@@ -95,21 +95,34 @@ def end_to_end(original: onnx.ModelProto, result: onnx.ModelProto, feeds, *,
                provider: str = "cpu", threads: int | None = None, iterations: int = 30,
                max_seconds: float = 10.0) -> dict:
     """Original vs result, interleaved in one run: medians, speed-up and its spread."""
-    # the result's first: its load's transient copies (the proto serialised, ORT's parse)
+    return end_to_end_many(original, [result], feeds, provider=provider, threads=threads,
+                           iterations=iterations, max_seconds=max_seconds)[0]
+
+
+def end_to_end_many(original: onnx.ModelProto, results: list, feeds, *, provider: str = "cpu",
+                    threads: int | None = None, iterations: int = 30,
+                    max_seconds: float = 10.0) -> list[dict]:
+    """Original vs each result, all interleaved in the same rounds (O, R1, R2, O, …), so
+    that two results are compared under the same machine; one :func:`end_to_end` dict each."""
+    # the results' first: their load's transient copies (the proto serialised, ORT's parse)
     # then come and go before the original's weights are held (a 1.2B model: 4.5 GiB)
-    after = runtime.make_session(result, provider=provider, threads=threads)
-    sessions = [runtime.make_session(original, provider=provider, threads=threads), after]
+    after = [runtime.make_session(r, provider=provider, threads=threads) for r in results]
+    sessions = [runtime.make_session(original, provider=provider, threads=threads), *after]
     timed = runtime.interleaved_latency(sessions, feeds, warmup=3, iterations=iterations,
-                                        max_seconds=max_seconds)
-    a, b = timed.stats
-    return {"provider": provider, "threads": threads,
+                                        max_seconds=max_seconds * len(results))
+    a = timed.stats[0]
+    out = []
+    for i, b in enumerate(timed.stats[1:], 1):
+        out.append({
+            "provider": provider, "threads": threads,
             "batch": _batch(feeds), "iterations": b.iterations,
-            "before_ms": a.median_ms, "after_ms": b.median_ms, "speedup": timed.speedups[1],
+            "before_ms": a.median_ms, "after_ms": b.median_ms, "speedup": timed.speedups[i],
             # the per-round speed-ups' p10/p90, and a 95% interval of their median: the noise
-            "speedup_p10": timed.spreads[1][0], "speedup_p90": timed.spreads[1][1],
-            "speedup_ci_low": timed.intervals[1][0], "speedup_ci_high": timed.intervals[1][1],
+            "speedup_p10": timed.spreads[i][0], "speedup_p90": timed.spreads[i][1],
+            "speedup_ci_low": timed.intervals[i][0], "speedup_ci_high": timed.intervals[i][1],
             "p10_before_ms": a.p10_ms, "p90_before_ms": a.p90_ms,
-            "p10_after_ms": b.p10_ms, "p90_after_ms": b.p90_ms}
+            "p10_after_ms": b.p10_ms, "p90_after_ms": b.p90_ms})
+    return out
 
 
 def _batch(feeds) -> int | None:

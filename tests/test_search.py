@@ -395,3 +395,78 @@ def test_dynamic_sequence_dim_counts_macs_in_one_unit(rng, tmp_path):
     expected = chosen[0]["macs"] / (rows * 32 * 32) if chosen else 1.0
     assert len(chosen) <= 1
     assert s["predicted_macs_ratio"] == pytest.approx(expected)
+
+
+# --- layers slower in place --------------------------------------------------------------
+
+def test_slower_in_place_takes_the_layers_that_did_not_get_faster_in_the_model(monkeypatch):
+    import onnxlr.profiling as profiling
+    from onnxlr.search import in_place
+    times = {"a": {"before_ms": 1.0, "after_ms": 0.5}, "b": {"before_ms": 1.0, "after_ms": 1.2},
+             "c": {"before_ms": 1.0, "after_ms": 0.98}, "(other)": {"before_ms": 3, "after_ms": 9}}
+    monkeypatch.setattr(profiling, "compare_profiles", lambda *a, **k: times)
+    result = onnx.ModelProto()
+    got = in_place.slower_in_place(None, result, {}, {"a": "svd", "b": "tucker", "c": "prune"})
+    assert set(got) == {"b", "c"}      # c saves 2%: under the 3% worth keeping
+    assert "1 → 1.2 ms in place" in in_place.reason(got["b"])
+
+    def broken(*a, **k):
+        raise OnnxlrError("no profile")
+    monkeypatch.setattr(profiling, "compare_profiles", broken)
+    assert in_place.slower_in_place(None, result, {}, {"a": "svd"}) == {}
+    assert not result.metadata_props   # the metadata it lent the profiler is taken back
+
+
+@pytest.mark.parametrize("without_faster", [True, False])
+def test_the_search_gives_back_a_layer_slower_in_place_when_that_is_faster(monkeypatch, tmp_path,
+                                                                           without_faster):
+    """The digits CNN's search, with its first changed layer profiled as slower in place: the
+    model without it is returned when it measures faster end to end (and its record says
+    why), else the model with it."""
+    import onnxlr.accept as accept
+    from onnxlr.search import in_place
+    seen = {}
+
+    def fake_slower(original, result, feeds, layers, **kw):
+        seen["layers"] = list(layers)
+        assert set(layers.values()) <= {"svd", "tucker", "cp", "prune"}
+        return {seen["layers"][0]: {"before_ms": 1.0, "after_ms": 1.5}}
+
+    real_many = accept.end_to_end_many
+
+    def fake_many(original, results, feeds, **kw):
+        speeds = [1.2, 1.5] if without_faster else [1.5, 1.2]
+        return [{**got, "speedup": s} for got, s in zip(real_many(original, results, feeds,
+                                                                 **kw), speeds)]
+    monkeypatch.setattr(in_place, "slower_in_place", fake_slower)
+    monkeypatch.setattr(accept, "end_to_end_many", fake_many)
+    _, report = optimize(str(EXAMPLE), calib=str(CALIB), metric="accuracy", max_drop=0.01,
+                         latency_cache=str(tmp_path / "lat.json"))
+    layer = seen["layers"][0]
+    rec = next(r for r in report.records if r.name == layer)
+    account = report.search["in_place"]
+    assert account["slower"] == {layer: {"before_ms": 1.0, "after_ms": 1.5}}
+    if without_faster and account["kept"] == "without":
+        assert not rec.changed and "no faster inside the model" in rec.reason
+        assert report.latency["speedup"] == 1.5
+        assert report.search["layers_changed"] == len(seen["layers"]) - 1
+    elif without_faster:   # the model without it did not hold the bound: kept as it was
+        assert account["bound_without"] > 0.01 and rec.changed
+    else:
+        assert account["kept"] == "all" and rec.changed and report.latency["speedup"] == 1.5
+
+
+def test_slower_in_place_counts_a_factorised_layers_nodes_under_it(monkeypatch, rng):
+    """The search's built model has no onnxlr.layers metadata yet: the layers' methods are
+    lent to the profiler, so each Tucker layer's three convs are timed under its name."""
+    from onnxlr.search import in_place
+    model, report = optimize(tiny_cnn(), "tucker", "0.5", max_error=None, verify=False)
+    del model.metadata_props[:]
+    layers = {r.name: r.method for r in report.records if r.changed}
+    assert layers
+    monkeypatch.setattr(in_place, "KEEP_BELOW", -1.0)   # every profiled layer counts as slower
+    feeds = {"input": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    got = in_place.slower_in_place(prepare(tiny_cnn()), model, feeds, layers, rounds=3)
+    assert set(got) == set(layers)
+    assert all(t["after_ms"] > 0 and t["before_ms"] > 0 for t in got.values())
+    assert not model.metadata_props

@@ -63,9 +63,11 @@ class Judge:
                            samples=input_samples(self.verifier.feeds))
         return out, score, runtime.compare_outputs(self.reference, out).worst_rel_l2, bound
 
-    def __call__(self, assignment: dict, refit: bool = True) -> Built:
-        model, records = build_assignment(self.build, self.ladders, self.empty, assignment, self.allowed,
-                                self.fits)
+    def __call__(self, assignment: dict, refit: bool = True,
+                 reasons: dict[str, str] | None = None) -> Built:
+        """``reasons``: why a layer on a ladder is left out, where not the default's."""
+        model, records = build_assignment(self.build, self.ladders, self.empty, assignment,
+                                          self.allowed, self.fits, reasons)
         out, score, dist, bound = self._score(model)
         plain = Built(dict(assignment), model, records, out, score, dist, bound)
         if not (refit and self.fit_batches and assignment):
@@ -130,8 +132,9 @@ def session_for(model, provider):
     return session(model, provider)
 
 
-def build_assignment(build, ladders, empty, assignment, allowed, fits=None):
-    """The model with the chosen rungs, every other selected layer kept (with why)."""
+def build_assignment(build, ladders, empty, assignment, allowed, fits=None, reasons=None):
+    """The model with the chosen rungs, every other selected layer kept (with why:
+    ``reasons`` where given)."""
     by = {lad.layer: lad for lad in ladders}
     pruned = {k: j for k, j in assignment.items() if by[k].rungs[j].option.method == PRUNE}
     lowrank = {k: j for k, j in assignment.items() if k not in pruned}
@@ -145,6 +148,7 @@ def build_assignment(build, ladders, empty, assignment, allowed, fits=None):
             keep[lad.layer] = (f"search: not needed or not affordable: its best rung alone "
                                f"drops the metric by {best.drop:.4g} (allowed {allowed:g} for "
                                f"the whole model) for {best.speedup:.2f}x on the layer")
+    keep.update({k: f"search: {why}" for k, why in (reasons or {}).items()})
     config = dataclasses.replace(build.config, forced_ranks=forced, forced_methods=methods,
                                  rank_scale={})
     graph = to_graph(build.prepared)

@@ -133,15 +133,15 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
                     "refit checks", len(built.assignment), built.score,
                     "refit kept" if built.refit.get("kept") else "refit not kept",
                     judge.refit_checks)
+    latency, in_place = None, None
+    if built.assignment:
+        built, latency, in_place = _without_slower_in_place(judge, built, original, timing,
+                                                            verifier.provider, timer.threads)
     chosen.assignment = built.assignment
+    chosen.account["layers_changed"] = len(built.assignment)
     model, records, outputs, score_after = built.model, built.records, built.outputs, built.score
     comparison = runtime.compare_outputs(reference, outputs)
     baseline = planner.baseline
-    latency = None
-    from onnxlr.accept import end_to_end
-    if chosen.assignment:
-        latency = end_to_end(original, model, timing, provider=verifier.provider,
-                             threads=timer.threads)
     account = {
         "metric": metric.name, "metric_description": metric.description,
         "max_drop": allowed, "score_before": baseline, "score_after": score_after,
@@ -151,7 +151,7 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
         "sensitivity_samples": min(samples, _samples(verifier.feeds)),
         "model_ms_before": model_ms, "target_speedup": target_speedup,
         "target_flops": target_flops, **chosen.account, "refit": refit,
-        "pruning": pruned_account,
+        "pruning": pruned_account, "in_place": in_place,
         "seconds": {"ladders": t_ladders, "gated_graph": t_gate, "sensitivity": t_sens,
                     "total": time.perf_counter() - t0},
     }
@@ -172,6 +172,37 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
             sum(r.macs_before for r in records if r.kind), 1)
         account["target_met"] = got <= target_flops + 1e-9
     return model, records, comparison, account, latency
+
+
+def _without_slower_in_place(judge, built, original, timing, provider, threads):
+    """(built, its end-to-end latency, account): the changed layers that measured no faster
+    inside the model are given back when the model without them holds the bound and
+    measures faster (:mod:`onnxlr.search.in_place`)."""
+    from onnxlr.accept import end_to_end, end_to_end_many
+    from onnxlr.search import in_place
+    methods = {r.name: r.method for r in built.records if r.changed}
+    slower = in_place.slower_in_place(original, built.model, timing,
+                                      {k: methods.get(k) for k in built.assignment},
+                                      provider=provider, threads=threads)
+    rest = {k: j for k, j in built.assignment.items() if k not in slower}
+    if not slower or not rest:
+        account = {"slower": slower, "kept": "all"} if slower else None
+        return built, end_to_end(original, built.model, timing, provider=provider,
+                                 threads=threads), account
+    trimmed = judge(rest, reasons={k: in_place.reason(t) for k, t in slower.items()})
+    account = {"slower": slower, "kept": "all", "bound_without": trimmed.bound}
+    if not judge.feasible(trimmed):
+        return built, end_to_end(original, built.model, timing, provider=provider,
+                                 threads=threads), account
+    first, second = end_to_end_many(original, [built.model, trimmed.model], timing,
+                                    provider=provider, threads=threads)
+    account.update(speedup_all=first["speedup"], speedup_without=second["speedup"])
+    logger.info("search: %d layers no faster in place; without them %.2fx, with %.2fx",
+                len(slower), second["speedup"], first["speedup"])
+    if second["speedup"] > first["speedup"]:
+        account["kept"] = "without"
+        return trimmed, second, account
+    return built, first, account
 
 
 def _evaluate(original, model, metric, path: str, provider: str) -> dict:
