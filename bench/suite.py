@@ -207,7 +207,7 @@ def one_setting(task, label: str, kwargs: dict, ctx: dict, args) -> dict:
         keep = ("metric", "max_drop", "score_before", "score_after", "drop", "inputs",
                 "layers_with_ladders", "rungs", "path_steps", "bisected_steps", "layers_changed",
                 "gated_runs", "sensitivity_samples", "predicted_speedup", "checks", "seconds",
-                "returned")
+                "returned", "in_place")
         row["search"] = {k: report.search.get(k) for k in keep if k in report.search}
         row["search"]["declined"] = {r.name: r.reason for r in report.records
                                      if r.kind and not r.changed}
