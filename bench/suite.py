@@ -152,7 +152,9 @@ def one_setting(task, label: str, kwargs: dict, ctx: dict, args) -> dict:
              "measure_latency": False, "latency_cache": None, "threads": args.threads,
              "input_shapes": task.input_shapes}
     kw.update({k: v for k, v in extra.items() if k in ctx["params"] and k not in kw})
-    row = {"setting": label, "method": kw.get("method", "auto"), "rank": str(kw.get("rank")),
+    row = {"setting": label, "measured": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+           "protocol": runtime.TIMING_PROTOCOL,
+           "method": kw.get("method", "auto"), "rank": str(kw.get("rank")),
            "rank_multiple": kw.get("rank_multiple", 1), "bound": kw.get("max_error", DEFAULT_MAX_ERROR),
            "accept": kw.get("accept", "error"), "calib": "calib" in kw}
     if "metric" in kw:  # the search: its bound is the allowed drop of the task metric (or agreement)

@@ -91,6 +91,11 @@ def accept_by_latency(build, verifier, records: list[LayerRecord], keep: dict[st
     return result, final
 
 
+#: Timing a fast model end to end: rounds up to MAX_ROUNDS while they take under this long.
+SMALL_MODEL_SECONDS = 2.0
+MAX_ROUNDS = 5000
+
+
 def end_to_end(original: onnx.ModelProto, result: onnx.ModelProto, feeds, *,
                provider: str = "cpu", threads: int | None = None, iterations: int = 30,
                max_seconds: float = 10.0) -> dict:
@@ -108,7 +113,12 @@ def end_to_end_many(original: onnx.ModelProto, results: list, feeds, *, provider
     # then come and go before the original's weights are held (a 1.2B model: 4.5 GiB)
     after = [runtime.make_session(r, provider=provider, threads=threads) for r in results]
     sessions = [runtime.make_session(original, provider=provider, threads=threads), *after]
-    timed = runtime.interleaved_latency(sessions, feeds, warmup=3, iterations=iterations,
+    # at least ``iterations`` rounds, more for a fast model while they take under
+    # SMALL_MODEL_SECONDS: 30 rounds of a 40 µs MLP read anywhere from 1.4x to 2.3x
+    probe = runtime.interleaved_latency(sessions, feeds, warmup=3, iterations=3)
+    per_round = sum(st.median_ms for st in probe.stats) / 1e3
+    rounds = int(max(iterations, min(MAX_ROUNDS, SMALL_MODEL_SECONDS / max(per_round, 1e-6))))
+    timed = runtime.interleaved_latency(sessions, feeds, warmup=1, iterations=rounds,
                                         max_seconds=max_seconds * len(results))
     a = timed.stats[0]
     out = []

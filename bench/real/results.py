@@ -10,6 +10,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+# how sessions ran when a row was timed (rows from before it existed carry none); importing it
+# does not import onnxruntime
+from onnxlr.runtime.sessions import TIMING_PROTOCOL
+
 SCHEMA = "onnxlr.bench-suite/1"
 #: a setting is "safe" when its error bound held and the task metric fell by at most this
 SAFE_DROP = 0.01
@@ -88,6 +92,11 @@ def model_section(result: dict) -> str:
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row_cells(result, r)) + " |" for r in result["rows"]]
     lines += [""] + [f"- {n}" for n in result.get("notes", [])]
+    older = [r["setting"] for r in result["rows"] if r.get("protocol") != TIMING_PROTOCOL]
+    if older:
+        lines.append(f"- **timed the old way** (an earlier run, while ORT sessions still "
+                     f"spin-waited: on this machine the same model timed against itself then read "
+                     f"0.79-1.27x, so these speed-ups are noisy): {', '.join(older)}")
     if result.get("not_run"):
         lines.append(f"- **not run** (the run was stopped before them): "
                      f"{', '.join(result['not_run'])}")
