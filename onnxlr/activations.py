@@ -29,7 +29,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnxlr.calib import Calibration, capture, load_calibration
 from onnxlr.linalg.whiten import LayerStats
 from onnxlr.records import Declined
-from onnxlr.sites import LayerSite, find_site
+from onnxlr.sites import LAYER_OPS, LayerSite, find_site
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def collect_layer_stats(model: onnx.ModelProto, calibration: Any, *,
     graph = to_graph(model)
     by_tensor: dict[str, list[LayerSite]] = {}
     for node in graph.nodes:
-        if node.op not in ("Gemm", "MatMul", "Conv") or node.domain:
+        if node.op not in LAYER_OPS or node.domain:
             continue
         site = find_site(node)
         if isinstance(site, Declined) or (select is not None and not select(site)):

@@ -22,7 +22,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="input .onnx file")
     from onnxlr.methods import describe
     p.add_argument("--method", default=default("method"),
-                   help="auto (svd for gemm/matmul/conv1x1, tucker for conv), a method, or per "
+                   help="auto (svd for gemm/matmul/conv1x1/rnn, tucker for conv), a method, or per "
                         "kind: 'auto,conv=cp', 'gemm=fastfood'. Methods: " + describe()
                         + ". Or alone: prune (channel pruning, needs --calib) | thin (SOMP, "
                         "data-free; least squares with --calib), where --rank 0.5 keeps half "

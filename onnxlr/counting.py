@@ -52,7 +52,7 @@ def layer_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> di
     shapes cannot be inferred."""
     from onnxlr.graph import apply_shapes, to_graph
     from onnxlr.records import Declined
-    from onnxlr.sites import find_site
+    from onnxlr.sites import LAYER_OPS, find_site
 
     fixed = _fixed(model, shapes)
     if fixed is None:
@@ -61,7 +61,7 @@ def layer_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> di
     apply_shapes(graph, fixed, replace=True)
     out = {}
     for node in graph.nodes:
-        if node.op not in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
+        if node.op not in LAYER_OPS + ("ConvTranspose",):
             continue
         site = find_site(node, graph)
         if not isinstance(site, Declined) and site.shapes_known:
@@ -88,7 +88,7 @@ def recount(original: onnx.ModelProto, result: onnx.ModelProto, records,
         parts = [m for name, m in after.items() if name == rec.name or
                  name.startswith(rec.name + "/")]
         # a conv's count leaves the batch out already; a matrix product's counts every row
-        scale = batch if rec.kind in ("gemm", "matmul") else 1
+        scale = batch if rec.kind in ("gemm", "matmul", "rnn") else 1
         rec.macs_before = int(round(before[rec.name] / scale))
         rec.macs_after = int(round(sum(parts) / scale)) if parts else rec.macs_before
         if not rec.changed and not parts:

@@ -17,7 +17,7 @@ from onnxlr.passes.prepare import prepare
 from onnxlr.rank import parse_rank
 from onnxlr.report import human
 from onnxlr.records import Declined
-from onnxlr.sites import QUANTIZED_OPS, find_site, nested_layer_records
+from onnxlr.sites import LAYER_OPS, QUANTIZED_OPS, find_site, nested_layer_records
 
 RULES = ("vbmf", "energy:0.95", "0.25")
 
@@ -47,7 +47,7 @@ def inspect_model(model: onnx.ModelProto, method: str = "auto", rules=RULES,
     views = []
     graph = to_graph(prepare(model))
     for node in graph.nodes:
-        if node.op not in ("Gemm", "MatMul", "Conv") + QUANTIZED_OPS or node.domain:
+        if node.op not in LAYER_OPS + QUANTIZED_OPS or node.domain:
             continue
         site = find_site(node, graph)
         if isinstance(site, Declined):

@@ -156,9 +156,12 @@ def isolate(node: gs.Node, values: dict[str, np.ndarray], opsets: dict[str, int]
             inputs.append(gs.Constant(tensor.name, tensor.values))
         else:
             inputs.append(tensor)  # an empty optional input
-    outputs = [gs.Variable(t.name, dtype=t.dtype) for t in node.outputs]
+    # a later output nothing reads (an LSTM's final states beside its sequence) stays off:
+    # as a graph output it would look used, and the layer is timed as the model runs it
+    outputs = [gs.Variable(t.name, dtype=t.dtype) if i == 0 or t.outputs else gs.Variable.empty()
+               for i, t in enumerate(node.outputs)]
     clone = gs.Node(node.op, node.name, dict(node.attrs), inputs, outputs, domain=node.domain)
-    graph = gs.Graph(nodes=[clone], inputs=new_inputs, outputs=outputs,
+    graph = gs.Graph(nodes=[clone], inputs=new_inputs, outputs=[t for t in outputs if t.name],
                      opset=opsets.get("", 17), name=f"isolated {node.name}")
     graph.import_domains = [onnx.helper.make_opsetid(d, v) for d, v in opsets.items()]
     model = gs.export_onnx(graph)

@@ -52,7 +52,7 @@ __all__ = ["OTHER", "LAYER_OPS", "attribute_events", "compare_profiles", "layer_
 #: Key under which time spent outside every layer is reported.
 OTHER = "(other)"
 #: Ops that count as layers when no layer list is given (onnxlr's candidate ops).
-LAYER_OPS = ("Conv", "Gemm", "MatMul")
+LAYER_OPS = ("Conv", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
 _SEPARATORS = "/_.:- "
 _TOKEN = re.compile(r"_token_\d+$")
 

@@ -38,7 +38,7 @@ class LayerRecord:
 
     name: str
     op: str
-    kind: str | None = None          # gemm | matmul | conv1x1 | conv
+    kind: str | None = None          # gemm | matmul | conv1x1 | conv | rnn (LSTM/GRU/RNN input weights)
     weight_shape: tuple[int, ...] = ()
     method: str | None = None
     rank_rule: str | None = None

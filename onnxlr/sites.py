@@ -20,6 +20,17 @@ FLOAT_KINDS = ("f",)
 EXTRA_FLOAT_DTYPES = ("bfloat16",)
 #: Quantized layers: their integer weights and scales are left exactly as they are.
 QUANTIZED_OPS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm")
+#: Recurrent layers: their input weights W ([directions, gates·hidden, input]) are a matrix
+#: product of the input at every step, which a low-rank factor in front can shrink (the
+#: recurrence R is not touched: it needs the full hidden state).
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+#: Every op a layer site can be.
+LAYER_OPS = ("Gemm", "MatMul", "Conv") + RECURRENT_OPS
+
+
+#: Site kinds whose input is a matrix of rows (every leading dim a row, features last): a
+#: recurrent layer's input weights act on its input's rows like a MatMul's.
+MATRIX_KINDS = ("gemm", "matmul", "rnn")
 
 
 @dataclass
@@ -52,6 +63,8 @@ class LayerSite:
             return self.weight.T if self.node.attrs.get("transB", 0) else self.weight
         if self.kind == "matmul":
             return self.weight
+        if self.kind == "rnn":  # every direction's and gate's input weights, stacked: I × D·G·H
+            return self.weight.reshape(-1, self.weight.shape[-1]).T
         return self.weight.reshape(self.weight.shape[0], -1)
 
     @property
@@ -68,7 +81,7 @@ class LayerSite:
 
     @property
     def macs(self) -> int:
-        if self.kind in ("gemm", "matmul"):
+        if self.kind in MATRIX_KINDS:
             k, n = self.matrix.shape
             return k * n * self.out_positions
         return int(self.weight.size) * self.out_positions
@@ -116,7 +129,7 @@ def is_quantized(node: gs.Node) -> bool:
     makes at run time): declined, but a layer the reports list, unlike activation MatMuls."""
     if node.op in QUANTIZED_OPS:
         return True
-    if node.op in ("Gemm", "MatMul", "Conv") and len(node.inputs) > 1:
+    if node.op in LAYER_OPS and len(node.inputs) > 1:
         producers = node.inputs[1].inputs
         return len(producers) == 1 and producers[0].op == "DequantizeLinear"
     return False
@@ -138,7 +151,7 @@ def find_site(node: gs.Node, graph: gs.Graph | None = None) -> LayerSite | Decli
 def _match(node: gs.Node, graph: gs.Graph | None) -> LayerSite | str:
     if node.op in QUANTIZED_OPS:
         return f"quantized layer ({node.op}): its integer weights and scales are left alone"
-    if node.op not in ("Gemm", "MatMul", "Conv"):
+    if node.op not in LAYER_OPS:
         return f"op {node.op} is not a candidate"
     if len(node.inputs) < 2 or not node.outputs:
         return f"{node.op} with {len(node.inputs)} input(s) and {len(node.outputs)} output(s)"
@@ -150,7 +163,30 @@ def _match(node: gs.Node, graph: gs.Graph | None) -> LayerSite | str:
         return _gemm_site(node)
     if node.op == "MatMul":
         return _matmul_site(node)
+    if node.op in RECURRENT_OPS:
+        return _recurrent_site(node, graph)
     return _conv_site(node)
+
+
+def _recurrent_site(node: gs.Node, graph: gs.Graph | None) -> LayerSite | str:
+    """An LSTM/GRU/RNN's input weights W [D, G·H, I]: ``x·Wᵀ`` for every step's input."""
+    w_in = node.inputs[1]
+    w = constant_value(w_in)
+    reason = _float_weight(w, w_in) or _shared(w_in)
+    if reason:
+        return reason
+    if w.ndim != 3:
+        return f"{node.op} input weight has rank {w.ndim}"
+    used = [t.name for t in node.outputs[1:] if t.name and (t.outputs or (
+        graph is not None and any(t is o for o in graph.outputs)))]
+    if used:  # the search's gated graph carries one output per layer
+        return (f"{node.op} whose final state output(s) {', '.join(used)} are used: only a "
+                f"recurrent layer read through its sequence output Y is a candidate")
+    x_shape = static_shape(node.inputs[0])
+    if x_shape is not None and len(x_shape) != 3:
+        return f"{node.op} input of rank {len(x_shape)}"
+    rows, known = _positions(x_shape, None)
+    return LayerSite(node, "rnn", w, None, rows, rows, known)
 
 
 def _graph_context(node: gs.Node, graph: gs.Graph) -> str | None:
@@ -259,7 +295,7 @@ def nested_layer_records(graph: gs.Graph) -> list:
             where = f"{outer}{node.op} {node.name!r} ({sub.name or 'body'})"
             for inner in sub.nodes:
                 todo.append((inner, where + " > "))
-                if inner.op not in ("Gemm", "MatMul", "Conv") + QUANTIZED_OPS:
+                if inner.op not in LAYER_OPS + QUANTIZED_OPS:
                     continue
                 record = LayerRecord(name=inner.name, op=inner.op)
                 site = find_site(inner)

@@ -34,8 +34,8 @@ def describe() -> str:
     """``--method`` help, from the registry."""
     return "; ".join(f"{m.name}: {m.help} [{', '.join(k for k in KINDS if k in m.kinds)}]"
                      for m in METHODS.values())
-KINDS = ("gemm", "matmul", "conv1x1", "conv")
-AUTO = {"gemm": "svd", "matmul": "svd", "conv1x1": "svd", "conv": "tucker"}
+KINDS = ("gemm", "matmul", "conv1x1", "conv", "rnn")
+AUTO = {"gemm": "svd", "matmul": "svd", "conv1x1": "svd", "conv": "tucker", "rnn": "svd"}
 #: channel methods act on producer→consumer chains (onnxlr.passes.prune/.thin), alone
 CHANNEL_METHODS = ("prune", "thin")
 

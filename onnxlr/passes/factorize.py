@@ -22,11 +22,11 @@ from onnxlr.methods.base import overflow_reason
 from onnxlr.passes.base import Pass, PassResult
 from onnxlr.rank import RankSelector
 from onnxlr.records import DECLINED, FACTORISED, Declined, LayerRecord
-from onnxlr.sites import QUANTIZED_OPS, LayerSite, find_site, is_quantized, nested_layer_records
+from onnxlr.sites import LAYER_OPS, QUANTIZED_OPS, LayerSite, find_site, is_quantized, nested_layer_records
 
 logger = logging.getLogger(__name__)
 
-CANDIDATE_OPS = ("Gemm", "MatMul", "Conv")
+CANDIDATE_OPS = LAYER_OPS  # Gemm, MatMul, Conv and the recurrent layers' input weights
 
 
 @dataclass(frozen=True)

@@ -230,6 +230,6 @@ def _per_sample(lad, rec):
     a matrix product's counts every row, the batch's included."""
     if not lad.macs_before or not lad.samples:
         return None
-    if rec.kind in ("gemm", "matmul"):
+    if rec.kind in ("gemm", "matmul", "rnn"):
         return lambda macs: int(round(macs / lad.samples))
     return lambda macs: int(macs)
