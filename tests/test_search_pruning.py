@@ -240,6 +240,39 @@ def test_the_drop_bound_counts_how_few_samples_judged():
     assert len(calls) == 2 * 64   # original and candidate on every resample
 
 
+def test_a_measured_gain_is_not_credited_by_the_drop_bound():
+    """A candidate that changes a quarter of the predictions, 36 samples right for 28 wrong,
+    measures a 3-point gain; its bound is the bootstrap's margin above zero, not the gain
+    plus the margin: the judged set cannot tell it from a loss of several points."""
+    metric = BUILTINS["accuracy"]
+    n = 256
+    labels = np.arange(n) % 10
+    wrong = np.eye(10, dtype=np.float32)[(labels + 1) % 10]
+    right = np.eye(10, dtype=np.float32)[labels]
+    ref_y = right.copy()
+    ref_y[:64] = wrong[:64]                      # the original gets 64 wrong
+    cand_y = ref_y.copy()
+    cand_y[:36] = right[:36]                     # 36 of those now right ...
+    cand_y[64:92] = wrong[64:92]                 # ... and 28 right ones now wrong
+    ref, cand = {"y": ref_y}, {"y": cand_y}
+    plain = metric.drop(ref, cand, labels)
+    assert plain == pytest.approx(-8 / n)
+    bound = drop_bound(metric, ref, cand, labels)
+    rng = np.random.default_rng(0)                # the same resamples, in numpy
+    ok_ref = (ref_y.argmax(1) == labels).astype(float)
+    ok_cand = (cand_y.argmax(1) == labels).astype(float)
+    drops = []
+    for _ in range(64):
+        idx = rng.integers(0, n, n)
+        drops.append(ok_ref[idx].mean() - ok_cand[idx].mean())
+    assert bound == pytest.approx(max(np.quantile(drops, 0.8) - plain, 0.0))
+    assert bound > 0.01                           # a 1-point bound is out of this set's reach
+    # a gain from few changed samples is still a bound near zero
+    few = ref_y.copy()
+    few[:2] = right[:2]
+    assert 0.0 <= drop_bound(metric, ref, {"y": few}, labels) < 0.01
+
+
 def test_the_drop_bound_resamples_a_time_major_output_along_its_sample_axis():
     """[T, N, C] outputs (a CTC recogniser's): resampled along N, the axis of the inputs'
     sample count, the same bound as the batch-major layout gives; where no axis has that

@@ -139,7 +139,9 @@ def prepare(cache: Path, quick: bool = False) -> Task:
         charset_py = extract(wheel, "ddddocr/charsets.py", folder / "charsets.py.txt")
         charset_json.write_text(json.dumps(load_charset(charset_py), ensure_ascii=False))
     charset = json.loads(charset_json.read_text())
-    n_eval, n_calib = (24, 8) if quick else (256, 512)
+    # 1024 test captchas: the chosen models change a fifth of the strings both ways, so a
+    # drop measured on 256 had a standard error of ~3 points, as large as the goal's bound
+    n_eval, n_calib = (24, 8) if quick else (1024, 512)
     calib, calib_texts = captchas(n_calib, SEED + 1)
     test_x, texts = captchas(n_eval, SEED)
     _check_batching(model, test_x[:3])

@@ -96,7 +96,8 @@ def model_section(result: dict) -> str:
     if older:
         lines.append(f"- **timed the old way** (an earlier run, while ORT sessions still "
                      f"spin-waited: on this machine the same model timed against itself then read "
-                     f"0.79-1.27x, so these speed-ups are noisy): {', '.join(older)}")
+                     f"0.79-1.27x, so these speed-ups are noisy; their task metric is on that "
+                     f"run's test inputs): {', '.join(older)}")
     if result.get("not_run"):
         lines.append(f"- **not run** (the run was stopped before them): "
                      f"{', '.join(result['not_run'])}")

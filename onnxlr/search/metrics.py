@@ -115,7 +115,13 @@ def drop_bound(metric: Metric, reference: Outputs, candidate: Outputs, labels=No
         cand = {k: np.take(np.asarray(v), idx, axis=axes[k]) for k, v in candidate.items()}
         lab = None if labels is None else np.asarray(labels)[idx]
         drops.append(metric.drop(ref, cand, lab))
-    return max(plain, float(np.quantile(drops, confidence)))
+    # A measured gain is not credited: the bound is the drop, at least 0, plus the bootstrap's
+    # margin at ``confidence``. A compressed model's gain on the judged samples is what the
+    # selection picked, not what new inputs show (ddddocr: +3.1 points of exact match on the
+    # 256 judged captchas, -2.4 on 1024 test ones); so a candidate that changes many outputs
+    # passes only when the judged set can resolve the allowance.
+    margin = max(float(np.quantile(drops, confidence)) - plain, 0.0)
+    return max(plain, 0.0) + margin
 
 
 def input_samples(feeds: dict) -> int | None:
