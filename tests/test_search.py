@@ -414,6 +414,11 @@ def test_slower_in_place_takes_the_layers_that_did_not_get_faster_in_the_model(m
         raise OnnxlrError("no profile")
     monkeypatch.setattr(profiling, "compare_profiles", broken)
     assert in_place.slower_in_place(None, result, {}, {"a": "svd"}) == {}
+
+    def ort_failure(*a, **k):   # onnxruntime's own errors are RuntimeErrors
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : profiling")
+    monkeypatch.setattr(profiling, "compare_profiles", ort_failure)
+    assert in_place.slower_in_place(None, result, {}, {"a": "svd"}) == {}
     assert not result.metadata_props   # the metadata it lent the profiler is taken back
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 
-from onnxlr.errors import OnnxlrError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ def slower_in_place(original, result, feeds: dict, layers: dict[str, str], *,
     try:
         times = compare_profiles(original, result, feeds, provider=provider, threads=threads,
                                  iterations=rounds, layers=list(layers))
-    except (OnnxlrError, OSError, ValueError) as exc:  # a profile is advice: never fatal
+    except Exception as exc:  # noqa: BLE001 (a profile is advice: ORT's or ours, never fatal)
         logger.info("search: no in-place profile (%s)", str(exc).splitlines()[0])
         return {}
     finally:
