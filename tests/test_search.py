@@ -461,6 +461,16 @@ def test_the_search_gives_back_a_layer_slower_in_place_when_that_is_faster(monke
         assert account["kept"] == "all" and rec.changed and report.latency["speedup"] == 1.5
 
 
+def test_the_in_place_step_is_not_afforded_a_model_of_a_gigabyte(monkeypatch):
+    """Its three-way timing holds a third model: not within issue 14's memory bound."""
+    import onnxlr.runtime.sessions as sessions
+    from onnxlr.search import in_place
+    model = tiny_cnn()
+    assert in_place.affordable(model)
+    monkeypatch.setattr(sessions, "IN_MEMORY_BYTES", 16)
+    assert not in_place.affordable(model)
+
+
 def test_slower_in_place_counts_a_factorised_layers_nodes_under_it(monkeypatch, rng):
     """The search's built model has no onnxlr.layers metadata yet: the layers' methods are
     lent to the profiler, so each Tucker layer's three convs are timed under its name."""

@@ -50,9 +50,18 @@ def slower_in_place(original, result, feeds: dict, layers: dict[str, str], *,
     return slower
 
 
+def affordable(model) -> bool:
+    """Whether the step may hold a third model: not for one whose weights stay in their file
+    or reach 1 GB (issue 14's bound is the model plus 2 GB, and the three-way timing holds
+    the original and two results at once)."""
+    from onnxlr import referenced
+    from onnxlr.runtime.sessions import IN_MEMORY_BYTES, _initializer_bytes
+    return not referenced.folders(model) and _initializer_bytes(model) < IN_MEMORY_BYTES
+
+
 def reason(times: dict) -> str:
     return (f"measured no faster inside the model ({times['before_ms']:.3g} → "
             f"{times['after_ms']:.3g} ms in place, profiled): given back")
 
 
-__all__ = ["KEEP_BELOW", "ROUNDS", "reason", "slower_in_place"]
+__all__ = ["KEEP_BELOW", "ROUNDS", "affordable", "reason", "slower_in_place"]

@@ -180,6 +180,9 @@ def _without_slower_in_place(judge, built, original, timing, provider, threads):
     measures faster (:mod:`onnxlr.search.in_place`)."""
     from onnxlr.accept import end_to_end, end_to_end_many
     from onnxlr.search import in_place
+    if not in_place.affordable(original):
+        return built, end_to_end(original, built.model, timing, provider=provider,
+                                 threads=threads), {"skipped": "a model of 1 GB or more"}
     methods = {r.name: r.method for r in built.records if r.changed}
     slower = in_place.slower_in_place(original, built.model, timing,
                                       {k: methods.get(k) for k in built.assignment},
