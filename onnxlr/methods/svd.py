@@ -10,9 +10,9 @@ Fast R-CNN, 2015, sect. 3.1). It pays only when k < m·n/(m+n).
   each step's input, ``x·Wᵀ``): the matrix is I × D·G·H, and ``x·Wᵀ ≈ (x·U_k)·(S_k V_kᵀ)``
   is a MatMul I→k in front of the same recurrent op with input weights [D, G·H, k]. The
   recurrence R stays whole. It saves only the input product's share: on ddddocr's
-  bidirectional 512-unit LSTM (37% of the CRNN's time at batch 1), rank 128 timed 1.34x on
-  the layer alone but made the whole model only 1.02-1.06x faster on a quiet machine (the
-  recurrence dominates there); the search's timings and in-place profile decide.
+  bidirectional 512-unit LSTM (about a third of the CRNN's time at batch 1), rank 128 timed
+  1.34x on the layer alone, and made the whole model 1.02-1.06x faster on a quiet machine;
+  the search's timings and in-place profile decide.
 - Conv with weight [T, S, k..]: the matrix is T × (S·k..) (channel
   decomposition, Zhang et al. 2015): a conv with r filters and the original
   kernel, stride, pads and dilation, then a 1×1 conv r→T with the bias. For a
