@@ -91,9 +91,8 @@ def accept_by_latency(build, verifier, records: list[LayerRecord], keep: dict[st
     return result, final
 
 
-#: Timing a fast model end to end: rounds up to MAX_ROUNDS while they take under this long.
+#: Timing a fast model end to end: more rounds than asked while they take under this long.
 SMALL_MODEL_SECONDS = 2.0
-MAX_ROUNDS = 5000
 
 
 def end_to_end(original: onnx.ModelProto, result: onnx.ModelProto, feeds, *,
@@ -115,9 +114,7 @@ def end_to_end_many(original: onnx.ModelProto, results: list, feeds, *, provider
     sessions = [runtime.make_session(original, provider=provider, threads=threads), *after]
     # at least ``iterations`` rounds, more for a fast model while they take under
     # SMALL_MODEL_SECONDS: 30 rounds of a 40 µs MLP read anywhere from 1.4x to 2.3x
-    probe = runtime.interleaved_latency(sessions, feeds, warmup=3, iterations=3)
-    per_round = sum(st.median_ms for st in probe.stats) / 1e3
-    rounds = int(max(iterations, min(MAX_ROUNDS, SMALL_MODEL_SECONDS / max(per_round, 1e-6))))
+    rounds = runtime.rounds_within(sessions, feeds, SMALL_MODEL_SECONDS, least=iterations)
     timed = runtime.interleaved_latency(sessions, feeds, warmup=1, iterations=rounds,
                                         max_seconds=max_seconds * len(results))
     a = timed.stats[0]

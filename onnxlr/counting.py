@@ -72,6 +72,7 @@ def layer_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> di
 def recount(original: onnx.ModelProto, result: onnx.ModelProto, records,
             feeds: dict[str, np.ndarray]) -> int:
     """Per-sample MACs for the records counted per position; returns how many changed."""
+    from onnxlr.sites import MATRIX_KINDS
     todo = [r for r in records if r.extra.get("macs_note") == PER_POSITION]
     if not todo or any("changed_by" in r.extra or "neighbour_saving" in r.extra for r in records):
         return 0  # channel pruning's neighbour accounting stays in one unit
@@ -88,7 +89,7 @@ def recount(original: onnx.ModelProto, result: onnx.ModelProto, records,
         parts = [m for name, m in after.items() if name == rec.name or
                  name.startswith(rec.name + "/")]
         # a conv's count leaves the batch out already; a matrix product's counts every row
-        scale = batch if rec.kind in ("gemm", "matmul", "rnn") else 1
+        scale = batch if rec.kind in MATRIX_KINDS else 1
         rec.macs_before = int(round(before[rec.name] / scale))
         rec.macs_after = int(round(sum(parts) / scale)) if parts else rec.macs_before
         if not rec.changed and not parts:

@@ -179,12 +179,6 @@ def _export(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
-#: Rounds at most per timing. The time budget decides: a layer of a few microseconds needs
-#: thousands of rounds for its median to settle (300 left a small MLP's rungs 1.3-1.8x apart
-#: for the same layer), a big one reaches its budget in a few dozen.
-MAX_ROUNDS = 5000
-
-
 def _key(node: gs.Node, feeds: dict[str, np.ndarray], method: str, ranks, provider: str,
          threads: int | None) -> str:
     """What a timing depends on: op, attributes, weight and input shapes, ranks, runtime."""
@@ -293,10 +287,8 @@ class LayerTimer:
         if len(candidates) == 1:
             return [self._time(base, candidates[0], feeds)]
         sessions = [base, *candidates]
-        probe = runtime.interleaved_latency(sessions, feeds, warmup=3, iterations=3)
-        per_round = sum(s.median_ms for s in probe.stats) / 1e3
         budget = self.seconds_per_pair * (len(candidates) + 1) / 2
-        rounds = int(min(MAX_ROUNDS, max(15, budget / max(per_round, 1e-6))))
+        rounds = runtime.rounds_within(sessions, feeds, budget, least=15)
         timed = runtime.interleaved_latency(sessions, feeds, warmup=2, iterations=rounds,
                                             max_seconds=budget * 3)
         before = timed.stats[0].median_ms
@@ -304,9 +296,7 @@ class LayerTimer:
 
     def _time(self, base, candidate, feeds) -> list[float]:
         """[ms_before, ms_after, speedup]: enough interleaved rounds for ~seconds_per_pair."""
-        probe = runtime.interleaved_latency([base, candidate], feeds, warmup=3, iterations=3)
-        per_round = sum(s.median_ms for s in probe.stats) / 1e3
-        rounds = int(min(MAX_ROUNDS, max(15, self.seconds_per_pair / max(per_round, 1e-6))))
+        rounds = runtime.rounds_within([base, candidate], feeds, self.seconds_per_pair, least=15)
         timed = runtime.interleaved_latency([base, candidate], feeds, warmup=2, iterations=rounds,
                                             max_seconds=self.seconds_per_pair * 3)
         before, after = timed.stats[0].median_ms, timed.stats[1].median_ms

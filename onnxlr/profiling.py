@@ -41,7 +41,7 @@ from typing import Iterable
 import numpy as np
 import onnx
 
-from onnxlr import runtime
+from onnxlr import runtime, sites
 from onnxlr.errors import OnnxlrError
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ __all__ = ["OTHER", "LAYER_OPS", "attribute_events", "compare_profiles", "layer_
 #: Key under which time spent outside every layer is reported.
 OTHER = "(other)"
 #: Ops that count as layers when no layer list is given (onnxlr's candidate ops).
-LAYER_OPS = ("Conv", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
+LAYER_OPS = sites.LAYER_OPS
 _SEPARATORS = "/_.:- "
 _TOKEN = re.compile(r"_token_\d+$")
 

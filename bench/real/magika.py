@@ -156,19 +156,21 @@ def prepare(cache: Path, quick: bool = False) -> Task:
     extra = choose([(p, lab) for p, lab in found if p not in used], per_label=EXTRA_PER_LABEL,
                    total=n_calib, seed=SEED + 2) if not quick else []
     rows, names, truth = [], [], []
-    n_first = None  # rows from the first draw (the test split is drawn from these only)
-    for i, (path, label) in enumerate(chosen + extra):
-        if i == len(chosen):
-            n_first = len(rows)
-        try:
-            feats = file_features(path, config)
-        except OSError:
-            continue
-        if feats is not None:
-            rows.append(feats)
-            names.append(str(path))
-            truth.append(index[label])
-    n_first = len(rows) if n_first is None else n_first
+
+    def read(pairs) -> None:
+        for path, label in pairs:
+            try:
+                feats = file_features(path, config)
+            except OSError:
+                continue
+            if feats is not None:
+                rows.append(feats)
+                names.append(str(path))
+                truth.append(index[label])
+
+    read(chosen)
+    n_first = len(rows)  # rows from the first draw (the test split is drawn from these only)
+    read(extra)
     order = np.random.default_rng(SEED + 1).permutation(n_first)
     eval_idx = np.sort(order[first:first + n_eval])
     calib_idx = np.concatenate([order[:first], order[first + n_eval:],

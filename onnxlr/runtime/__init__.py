@@ -24,11 +24,12 @@ from onnxlr.runtime.inputs import (DEFAULT_DIM, MAX_INPUT_ELEMENTS,  # noqa: F40
                                    parse_input_shapes)
 from onnxlr.runtime.sessions import (TIMING_PROTOCOL, _is_ort_error, _ort, _ort_message, _runner,  # noqa: F401
                                      make_session, providers_for, run, session_options)
-from onnxlr.runtime.timing import (LatencyComparison, LatencyStats,  # noqa: F401
-                                   interleaved_latency)
+from onnxlr.runtime.timing import (MAX_ROUNDS, LatencyComparison, LatencyStats,  # noqa: F401
+                                   interleaved_latency, rounds_within)
 
 __all__ = [
     "TIMING_PROTOCOL", "Comparison", "LatencyComparison", "LatencyStats", "OutputComparison",
     "check_reference", "class_rows", "compare_outputs", "interleaved_latency", "make_inputs",
-    "make_session", "parse_input_shapes", "providers_for", "run", "session_options",
+    "make_session", "parse_input_shapes", "providers_for", "rounds_within", "run",
+    "session_options",
 ]

@@ -46,6 +46,21 @@ class LatencyComparison:
     intervals: list[tuple[float, float]] = field(default_factory=list)
 
 
+#: Rounds at most per timing. A time budget decides below it: a model or layer of a few
+#: microseconds needs thousands of rounds for its median to settle (300 left a small MLP's
+#: rungs 1.3-1.8x apart for the same layer; 30 rounds of the whole 40 µs MLP read 1.4-2.3x),
+#: a big one reaches its budget in a few dozen.
+MAX_ROUNDS = 5000
+
+
+def rounds_within(sessions: list, feeds, seconds: float, least: int) -> int:
+    """Interleaved rounds of ``sessions`` that take about ``seconds`` (from three probe
+    rounds), at least ``least`` and at most :data:`MAX_ROUNDS`."""
+    probe = interleaved_latency(sessions, feeds, warmup=3, iterations=3)
+    per_round = sum(s.median_ms for s in probe.stats) / 1e3
+    return int(min(MAX_ROUNDS, max(least, seconds / max(per_round, 1e-6))))
+
+
 def interleaved_latency(sessions: list, feeds: dict | list[dict], *, warmup: int = 5,
                         iterations: int = 50, max_seconds: float | None = None) -> LatencyComparison:
     """Time sessions round-robin (A, B, C, A, B, C, ...) so machine drift cancels.

@@ -21,6 +21,7 @@ from onnxlr.records import FACTORISED, PRUNED
 from onnxlr.search.metrics import drop_bound, input_samples
 from onnxlr.search.pruning import PRUNE, layer_costs
 from onnxlr.search.pruning import apply as apply_pruning
+from onnxlr.sites import MATRIX_KINDS
 
 #: The refit's further bisection stops once it has taken this long (each check is a build,
 #: a refit of every changed layer and a run; on a 60-layer detector, ~20 s each).
@@ -230,6 +231,6 @@ def _per_sample(lad, rec):
     a matrix product's counts every row, the batch's included."""
     if not lad.macs_before or not lad.samples:
         return None
-    if rec.kind in ("gemm", "matmul", "rnn"):
+    if rec.kind in MATRIX_KINDS:
         return lambda macs: int(round(macs / lad.samples))
     return lambda macs: int(macs)
