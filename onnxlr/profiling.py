@@ -283,7 +283,7 @@ def _layer_map(structure: onnx.ModelProto, names: Iterable[str] | None) -> dict[
 def compare_profiles(original: onnx.ModelProto | str | os.PathLike,
                      result: onnx.ModelProto | str | os.PathLike, feeds: dict, *,
                      provider: str = "cpu", threads: int | None = None, iterations: int = 20,
-                     warmup: int = 3, layers: Iterable[str] | None = None,
+                     warmup: int = 3, layers: Iterable[str] | dict[str, str | None] | None = None,
                      opt_level: str = "all") -> dict[str, dict[str, float]]:
     """Each layer's time inside the original and inside the result, profiled interleaved.
 
@@ -292,7 +292,9 @@ def compare_profiles(original: onnx.ModelProto | str | os.PathLike,
             ``onnxlr.layers`` metadata says which nodes belong to which layer.
         feeds: inputs both models take.
         layers: layer names to report (e.g. ``[r.name for r in report.records]``);
-            default: the union of both models' :func:`layer_names`.
+            default: the union of both models' :func:`layer_names`. A dict
+            ``{layer: method}`` also says how each layer's nodes are named
+            (``<layer>/<method>/…``), for a result not yet carrying the metadata.
         provider, threads, iterations, warmup, opt_level: as :func:`profile_layers`.
 
     Returns:
@@ -301,7 +303,8 @@ def compare_profiles(original: onnx.ModelProto | str | os.PathLike,
     s_orig, s_res = _structure(original), _structure(result)
     known = {**layer_names(s_orig), **layer_names(s_res)}
     names = list(known) if layers is None else list(dict.fromkeys(layers))
-    lay = {n: known.get(n) for n in names}
+    given = layers if isinstance(layers, dict) else {}
+    lay = {n: given.get(n) or known.get(n) for n in names}
     before, after = _profiles([original, result], feeds, [lay, lay], provider=provider,
                               threads=threads, iterations=iterations, warmup=warmup,
                               opt_level=opt_level)

@@ -419,7 +419,7 @@ def test_slower_in_place_takes_the_layers_that_did_not_get_faster_in_the_model(m
         raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : profiling")
     monkeypatch.setattr(profiling, "compare_profiles", ort_failure)
     assert in_place.slower_in_place(None, result, {}, {"a": "svd"}) == {}
-    assert not result.metadata_props   # the metadata it lent the profiler is taken back
+    assert not result.metadata_props   # the result is read, never written
 
 
 @pytest.mark.parametrize("without_faster", [True, False])
@@ -473,7 +473,7 @@ def test_the_in_place_step_is_not_afforded_a_model_of_a_gigabyte(monkeypatch):
 
 def test_slower_in_place_counts_a_factorised_layers_nodes_under_it(monkeypatch, rng):
     """The search's built model has no onnxlr.layers metadata yet: the layers' methods are
-    lent to the profiler, so each Tucker layer's three convs are timed under its name."""
+    given to the profiler, so each Tucker layer's three convs are timed under its name."""
     from onnxlr.search import in_place
     model, report = optimize(tiny_cnn(), "tucker", "0.5", max_error=None, verify=False)
     del model.metadata_props[:]

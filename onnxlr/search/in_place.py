@@ -10,9 +10,7 @@ returns whichever of the two measures faster end to end (one three-way interleav
 """
 from __future__ import annotations
 
-import json
 import logging
-
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +28,14 @@ def slower_in_place(original, result, feeds: dict, layers: dict[str, str], *,
     are not faster inside ``result`` than inside ``original``; {} when the profile cannot be
     taken."""
     from onnxlr.profiling import compare_profiles
-    # the profiler counts a factorised layer's nodes ("<layer>/<method>/…") under it by the
-    # onnxlr.layers metadata, which the pipeline writes only on the model it returns
-    meta = result.metadata_props.add()
-    meta.key, meta.value = "onnxlr.layers", json.dumps({k: {"method": m} for k, m in layers.items()})
+    # the methods name a factorised layer's nodes ("<layer>/<method>/…"): the result has no
+    # onnxlr.layers metadata yet (the pipeline writes it only on the model it returns)
     try:
         times = compare_profiles(original, result, feeds, provider=provider, threads=threads,
-                                 iterations=rounds, layers=list(layers))
+                                 iterations=rounds, layers=dict(layers))
     except Exception as exc:  # noqa: BLE001 (a profile is advice: ORT's or ours, never fatal)
         logger.info("search: no in-place profile (%s)", str(exc).splitlines()[0])
         return {}
-    finally:
-        result.metadata_props.pop()
     slower = {}
     for name in layers:
         t = times.get(name)
