@@ -180,23 +180,24 @@ def _without_slower_in_place(judge, built, original, timing, provider, threads):
     measures faster (:mod:`onnxlr.search.in_place`)."""
     from onnxlr.accept import end_to_end, end_to_end_many
     from onnxlr.search import in_place
-    if not in_place.affordable(original):
+
+    def as_built(account):
         return built, end_to_end(original, built.model, timing, provider=provider,
-                                 threads=threads), {"skipped": "a model of 1 GB or more"}
+                                 threads=threads), account
+
+    if not in_place.affordable(original):
+        return as_built({"skipped": "a model of 1 GB or more"})
     methods = {r.name: r.method for r in built.records if r.changed}
     slower = in_place.slower_in_place(original, built.model, timing,
                                       {k: methods.get(k) for k in built.assignment},
                                       provider=provider, threads=threads)
     rest = {k: j for k, j in built.assignment.items() if k not in slower}
     if not slower or not rest:
-        account = {"slower": slower, "kept": "all"} if slower else None
-        return built, end_to_end(original, built.model, timing, provider=provider,
-                                 threads=threads), account
+        return as_built({"slower": slower, "kept": "all"} if slower else None)
     trimmed = judge(rest, reasons={k: in_place.reason(t) for k, t in slower.items()})
     account = {"slower": slower, "kept": "all", "bound_without": trimmed.bound}
     if not judge.feasible(trimmed):
-        return built, end_to_end(original, built.model, timing, provider=provider,
-                                 threads=threads), account
+        return as_built(account)
     first, second = end_to_end_many(original, [built.model, trimmed.model], timing,
                                     provider=provider, threads=threads)
     account.update(speedup_all=first["speedup"], speedup_without=second["speedup"])
