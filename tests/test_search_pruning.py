@@ -139,7 +139,7 @@ def test_a_chosen_prune_rung_is_recorded_as_pruned(pruned_setup):
 
 def _rung(speedup, drop, *, chain=False, producer=None):
     return Rung(Option(PRUNE if chain else "svd", (1,)), 10, 0.1, 0.1, 1.0, 1.0 / speedup,
-                drop=drop, distortion=0.0, scope="chain" if chain else "layer", producer=producer)
+                drop=drop, distortion=0.0, scope="chain" if chain else "layer", neighbour=producer)
 
 
 @pytest.mark.parametrize("method,ranks", [("tucker", (8, 8)), ("tucker", (16, 8)), ("svd", (8,))])

@@ -19,6 +19,7 @@ from onnxlr.graph import to_graph, to_model
 from onnxlr.passes.factorize import Factorize
 from onnxlr.records import FACTORISED, PRUNED
 from onnxlr.search.metrics import drop_bound, input_samples
+from onnxlr.search import hidden_pruning
 from onnxlr.search.pruning import PRUNE, layer_costs
 from onnxlr.search.pruning import apply as apply_pruning
 from onnxlr.sites import MATRIX_KINDS
@@ -186,7 +187,9 @@ def _prune(graph, records, chosen: dict) -> None:
     """Rewrite the chosen channel chains; the records say what changed, a producer's saving
     counted in its consumer's record (as :mod:`onnxlr.passes.prune` does)."""
     by = {r.name: r for r in records}
-    failed = apply_pruning(graph, chosen)
+    hidden = {k: f for k, f in chosen.items() if isinstance(f, hidden_pruning.HiddenFit)}
+    failed = apply_pruning(graph, {k: f for k, f in chosen.items() if k not in hidden})
+    failed.update(hidden_pruning.apply(graph, hidden) if hidden else {})
     for layer, fitted in chosen.items():
         rec = by.get(layer)
         if rec is None:
@@ -196,11 +199,12 @@ def _prune(graph, records, chosen: dict) -> None:
             continue
         rec.status, rec.reason, rec.method = PRUNED, "", PRUNE
         rec.ranks, rec.weight_error = None, None
-        rec.kept_channels, rec.fit_error = len(fitted.kept), fitted.error
-        rec.extra.update(removed_channels=fitted.channels - len(fitted.kept),
-                         producer=fitted.producer)
+        rec.kept_channels, rec.fit_error = fitted.kept_count, fitted.error
+        rec.extra.update(removed_channels=fitted.channels - fitted.kept_count,
+                         **({"consumer": fitted.neighbour} if layer in hidden
+                            else {"producer": fitted.neighbour}))
     costs = layer_costs(graph)
-    producers = {f.producer for k, f in chosen.items() if k not in failed}
+    producers = {f.neighbour for k, f in chosen.items() if k not in failed}
     for rec in records:
         cost = costs.get(rec.name)
         if cost is None and rec.status == FACTORISED and rec.name in producers:
@@ -214,7 +218,7 @@ def _prune(graph, records, chosen: dict) -> None:
             rec.params_after, rec.macs_after = cost
             continue
         driver = next((by[k] for k, f in chosen.items()
-                       if k in by and k not in failed and f.producer == rec.name), None)
+                       if k in by and k not in failed and f.neighbour == rec.name), None)
         if driver is None:
             continue
         driver.params_before += rec.params_before - cost[0]

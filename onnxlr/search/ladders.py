@@ -48,8 +48,10 @@ class Rung:
     #: "layer": timed as the layer alone; "chain": a prune rung, timed as the whole channel
     #: chain (producer → ops → consumer), whose own baseline is the chain's time
     scope: str = "layer"
-    producer: str | None = None     # a prune rung's producer: the layer whose rows it drops
-    neighbour_macs: int = 0         # MACs this rung also saves outside its layer (producer)
+    #: the other layer a chain rung changes: a channel prune's producer (its rows go), an
+    #: LSTM's consumer (its input columns go)
+    neighbour: str | None = None
+    neighbour_macs: int = 0         # MACs this rung also saves in that layer
 
     @property
     def speedup(self) -> float:
@@ -70,8 +72,8 @@ class Rung:
                 "local_error": self.local_error, "latency_before_ms": self.ms_before,
                 "latency_ms": self.ms_after, "speedup": self.speedup,
                 "metric_drop": self.drop, "output_error": self.distortion, "chosen": chosen,
-                **({"timed": "the channel chain", "producer": self.producer,
-                    "producer_macs_saved": self.neighbour_macs} if self.scope == "chain" else {})}
+                **({"timed": "the channel chain", "neighbour": self.neighbour,
+                    "neighbour_macs_saved": self.neighbour_macs} if self.scope == "chain" else {})}
 
 
 @dataclass

@@ -81,6 +81,15 @@ class PruneFit:
     producer: str = ""          # the layer whose output channels go
     channels: int = 0           # C: the consumer's input channels before
 
+    @property
+    def neighbour(self) -> str:
+        """The other layer this rung changes (its producer loses rows)."""
+        return self.producer
+
+    @property
+    def kept_count(self) -> int:
+        return len(self.kept)
+
 
 def prunable(graph: gs.Graph, layers: list[str]) -> tuple[dict[str, ChannelChain], dict[str, str]]:
     """{consumer: its chain} for the layers whose input channels can go; {layer: why not}."""
@@ -387,7 +396,7 @@ def add_prune_rungs(build, ladders: list, empty: dict[str, str], feeds: dict, ti
                 continue
             f = fits[(name, k)] = fitted[k]
             rungs.append(Rung(Option(PRUNE, (k,)), int(round(lad.macs_before * k / chain.channels)),
-                              None, f.error, ms_a, ms_b, scope="chain", producer=chain.producer.name,
+                              None, f.error, ms_a, ms_b, scope="chain", neighbour=chain.producer.name,
                               neighbour_macs=int(producer_macs * (chain.channels - k)
                                                  / chain.channels)))
         account["fitted"] += len(rungs)

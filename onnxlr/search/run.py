@@ -24,6 +24,7 @@ from onnxlr.search.ladders import AUTO_ALTERNATIVES, build_ladders
 from onnxlr.search.judge import Judge, session_for
 from onnxlr.search.metrics import CONFIDENCE, check_reference, resolve_metric
 from onnxlr.search.planner import Planner, choose, greedy_path, subset
+from onnxlr.search.hidden_pruning import HiddenBuilder, HiddenFit, add_hidden_rungs
 from onnxlr.search.pruning import PRUNE, PruneBuilder, add_prune_rungs
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,19 @@ SENSITIVITY_SECONDS = 60.0
 #: The sequential refit sees at most this many of the fitting samples (each refitted layer
 #: costs a run of both models on them); the prune rungs' statistics see them all.
 REFIT_SAMPLES = 64
+
+
+class _Pruners:
+    """The prune rungs' builder in the gated graph: channels, or an LSTM's hidden units."""
+
+    name = PRUNE
+
+    def __init__(self, channels: PruneBuilder, hidden: HiddenBuilder):
+        self.channels, self.hidden = channels, hidden
+
+    def build(self, graph, site, fitted, names) -> None:
+        (self.hidden if isinstance(fitted, HiddenFit) else self.channels).build(
+            graph, site, fitted, names)
 
 
 def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
@@ -73,9 +87,18 @@ def search(build, verifier, original: onnx.ModelProto, timer, *, metric=None,
             build, ladders, empty, timing, timer, fit_batches,
             multiple=max(8, build.config.rank_multiple), progress=progress)
         pruned_account["seconds"] = time.perf_counter() - t_prune
-        builder = PruneBuilder(chains)
-        logger.info("search: %d prune candidates on %d channel chains in %.0f s",
-                    pruned_account["fitted"], len(chains), pruned_account["seconds"])
+        t_hidden = time.perf_counter()
+        hidden_fits, hidden_account = add_hidden_rungs(
+            build, ladders, empty, timing, timer, fit_batches,
+            multiple=max(8, build.config.rank_multiple), provider=verifier.provider,
+            progress=progress)
+        fits.update(hidden_fits)
+        pruned_account["lstm_units"] = {**hidden_account,
+                                        "seconds": time.perf_counter() - t_hidden}
+        builder = _Pruners(PruneBuilder(chains), HiddenBuilder())
+        logger.info("search: %d prune candidates on %d channel chains and %d on LSTM units in "
+                    "%.0f s", pruned_account["fitted"], len(chains), hidden_account["fitted"],
+                    time.perf_counter() - t_prune)
     t_ladders = time.perf_counter() - t0
     factorize = Factorize(build.config, cache=build.cache)
 
