@@ -160,11 +160,12 @@ def fmt_value(v: Any) -> str:
 
 def kept(rec: Any, sign: str = "x", empty: str = "-") -> str:
     """What a layer record kept: a factorised layer's ranks ('8x4'), a pruned layer's channels
-    ('24 ch'); ``empty`` for a layer that was never built (declined)."""
+    ('24 ch') or a recurrent layer's hidden units per direction ('256 units'); ``empty`` for
+    a layer that was never built (declined)."""
     if rec.ranks and rec.weight_error is not None:
         return sign.join(map(str, rec.ranks))
     if rec.kept_channels is not None and rec.status != DECLINED:
-        return f"{rec.kept_channels} ch"
+        return f"{rec.kept_channels} {'units' if getattr(rec, 'kind', '') == 'rnn' else 'ch'}"
     return empty
 
 

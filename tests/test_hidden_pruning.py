@@ -178,3 +178,33 @@ def test_ops_that_reorder_the_units_fail_the_values_check(rng):
     y = rng.standard_normal((T, 2, 3, H))
     assert hp.lines_up(y, y.transpose(0, 2, 1, 3).reshape(T * 3, 2 * H))
     assert not hp.lines_up(y, y.reshape(T, 3, 2 * H))  # directions interleaved with samples
+
+
+def test_a_chosen_unit_rung_is_built_and_recorded(rng):
+    """The search's build of an assignment with a unit rung: the model the gated graph
+    scored, the LSTM recorded as pruned to 8 units, the consumer's saving credited to it."""
+    from onnxlr.formats import kept
+    from onnxlr.methods import parse_method
+    from onnxlr.passes.factorize import FactorizeConfig
+    from onnxlr.pipeline import _Builder
+    from onnxlr.rank import parse_rank
+    from onnxlr.search.judge import build_assignment
+    from onnxlr.search.ladders import Ladder, Rung
+
+    model, _ = crnn_head()
+    prepared, _, fits = _fit(model, [8])
+    build = _Builder(prepared, FactorizeConfig(methods=parse_method("auto"),
+                                               rank=parse_rank("vbmf")), None)
+    rung = Rung(Option(PRUNE, (8,)), 0, None, fits[8].error, 2.0, 1.0, scope="chain",
+                neighbour="fc")
+    ladders = [Ladder("lstm", PRUNE, 100, 100, 1.0, [rung])]
+    built, records = build_assignment(build, ladders, {"fc": "no faster rung"}, {"lstm": 0},
+                                      0.01, {("lstm", 8): fits[8]})
+    x = {"x": rng.standard_normal((T, 4, I)).astype(np.float32)}
+    np.testing.assert_allclose(ort_run(built, x)[0], ort_run(_built(prepared, fits[8]), x)[0],
+                               rtol=1e-5, atol=1e-5)
+    rec = {r.name: r for r in records}
+    assert rec["lstm"].pruned and rec["lstm"].kept_channels == 8
+    assert rec["lstm"].extra["consumer"] == "fc" and kept(rec["lstm"]) == "8 units"
+    assert rec["fc"].extra.get("changed_by") == "lstm"
+    assert rec["fc"].macs_after == rec["fc"].macs_before  # counted once, in the LSTM's record

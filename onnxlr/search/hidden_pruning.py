@@ -257,6 +257,16 @@ def _rows(count: int, rng) -> np.ndarray:
         np.arange(count)
 
 
+def unit_order(chain: HiddenChain, units: np.ndarray, r: np.ndarray) -> list[np.ndarray]:
+    """Each direction's units, most important first: RMS times reach (the consumer's column
+    and the recurrence's column: where the unit's value goes)."""
+    d, h = chain.directions, chain.hidden
+    reach = np.linalg.norm(consumer_columns(chain), axis=1).reshape(d, h)
+    rms = np.sqrt(np.mean(units ** 2, axis=1))
+    return [np.argsort(-(rms[k] * np.sqrt(reach[k] ** 2 + np.sum(r[k] ** 2, axis=0))),
+                       kind="stable") for k in range(d)]
+
+
 def fits_for(chain: HiddenChain, x: np.ndarray, y: np.ndarray, keeps: list[int], *,
              opset: int, provider: str = "cpu", seed: int = 0) -> dict[int, HiddenFit]:
     """{H': fit} from the layer's captured input x [T, N, I] and output y [T, D, N, H]."""
@@ -269,12 +279,9 @@ def fits_for(chain: HiddenChain, x: np.ndarray, y: np.ndarray, keeps: list[int],
     t_len, n = x.shape[0], x.shape[1]
     rows = _rows(t_len * n, rng)
     xr = x.reshape(t_len * n, -1)[rows].astype(np.float64)
-    reach = np.linalg.norm(consumer_columns(chain), axis=1).reshape(d, h)
     units = y.transpose(1, 0, 2, 3).reshape(d, -1, h)
-    rms = np.sqrt(np.mean(units ** 2, axis=1))
     mean = units.mean(axis=1)
-    order = [np.argsort(-(rms[k] * np.sqrt(reach[k] ** 2 + np.sum(r[k] ** 2, axis=0))),
-                        kind="stable") for k in range(d)]
+    order = unit_order(chain, units, r)
     target_features = _features(y)[rows]
     out = {}
     for keep in keeps:
