@@ -11,6 +11,7 @@ from conftest import ort_run
 from onnxlr.graph import to_graph, to_model
 from onnxlr.latency import capture
 from onnxlr.pipeline import prepare
+from onnxlr.passes import lstm_units as units
 from onnxlr.search import hidden_pruning as hp
 from onnxlr.search.gated import GatedModel, Option
 from onnxlr.search.pruning import PRUNE
@@ -85,11 +86,11 @@ def crnn_head(seed=0, *, between=None, consumer="Gemm", y_h_read=False, peephole
 def _fit(model, keeps, n=64, seed=1):
     prepared = prepare(model)
     graph = to_graph(prepared)
-    chain = hp.trace(next(nd for nd in graph.nodes if nd.name == "lstm"), graph)
-    assert isinstance(chain, hp.HiddenChain), chain
+    chain = units.trace(next(nd for nd in graph.nodes if nd.name == "lstm"), graph)
+    assert isinstance(chain, units.HiddenChain), chain
     x = np.random.default_rng(seed).standard_normal((T, n, I)).astype(np.float32)
     got = capture(prepared, {"x": x}, ["y", chain.consumer.inputs[0].name])
-    assert hp.lines_up(got["y"], got[chain.consumer.inputs[0].name])
+    assert units.lines_up(got["y"], got[chain.consumer.inputs[0].name])
     fits = hp.fits_for(chain, x, got["y"].astype(np.float64), keeps, opset=17)
     return prepared, chain, fits
 
@@ -159,7 +160,7 @@ def test_the_fit_beats_slicing_the_first_units(rng):
         return np.linalg.norm(out - ref) / np.linalg.norm(ref)
 
     assert (fits[8].kept % 2 == 1).all()
-    assert err(fits[8]) < 0.5 * err(hp.first_units(chain, 8))
+    assert err(fits[8]) < 0.5 * err(units.first_units(chain, 8))
 
 
 @pytest.mark.parametrize("kw, why", [
@@ -170,14 +171,14 @@ def test_the_fit_beats_slicing_the_first_units(rng):
 def test_chains_that_cannot_shrink_are_declined_with_why(kw, why):
     model, _ = crnn_head(**kw)
     graph = to_graph(prepare(model))
-    got = hp.trace(next(n for n in graph.nodes if n.name == "lstm"), graph)
+    got = units.trace(next(n for n in graph.nodes if n.name == "lstm"), graph)
     assert isinstance(got, str) and why in got
 
 
 def test_ops_that_reorder_the_units_fail_the_values_check(rng):
     y = rng.standard_normal((T, 2, 3, H))
-    assert hp.lines_up(y, y.transpose(0, 2, 1, 3).reshape(T * 3, 2 * H))
-    assert not hp.lines_up(y, y.reshape(T, 3, 2 * H))  # directions interleaved with samples
+    assert units.lines_up(y, y.transpose(0, 2, 1, 3).reshape(T * 3, 2 * H))
+    assert not units.lines_up(y, y.reshape(T, 3, 2 * H))  # directions interleaved with samples
 
 
 def test_a_chosen_unit_rung_is_built_and_recorded(rng):

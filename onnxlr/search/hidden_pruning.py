@@ -6,11 +6,9 @@ weights by H'/H, the recurrence by (H'/H)², and the layer that reads the sequen
 1024→8210 classifier) by H'/H. On ddddocr (bidirectional, H = 512) keeping 256 units made
 the whole model 1.71x faster alone, for 2.4 points of exact match on 1024 test captchas.
 
-- **Chain**: ``Y [T, D, N, H] → (Transpose [0, 2, 1, 3]) → Reshapes, Squeeze, Transposes
-  that keep the last axis → Gemm/MatMul`` with a constant weight (the consumer), checked on
-  real values to give the consumer unit j of direction d as input feature ``d·H + j``. Only
-  LSTMs without peepholes, clip, own activations, sequence lengths or non-zero initial
-  states.
+- **Chain** (:mod:`onnxlr.passes.lstm_units`): the LSTM's Y through Transposes and Reshapes
+  into a Gemm/MatMul with a constant weight (the consumer), unit j of direction d its input
+  feature ``d·H + j``.
 - **Fit** (on the calibration batches): units ranked by their RMS times their reach (the
   consumer's column and the recurrence's column); the kept units' W, R and B re-solved by
   least squares against the original gate pre-activations, with the pruned layer's own
@@ -22,15 +20,14 @@ the whole model 1.71x faster alone, for 2.4 points of exact match on 1024 test c
   layout (``E y' + e``), so the consumer's own rungs stay valid beside it.
 - **Timed** as the chain (layer → ops → consumer) against the chain with the first H'
   units: the consumer's saving is measured, not counted.
-- **Build**: the layer shrinks, constant Reshape targets of D·H become D·H', and E folds
-  into the node that reads the chain's last tensor.
+- **Build** (:func:`onnxlr.passes.lstm_units.rewrite`): the layer shrinks and E folds into
+  the node that reads the chain's last tensor.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -38,187 +35,29 @@ import onnx_graphsurgeon as gs
 
 from onnxlr import runtime
 from onnxlr.graph import NameScope, to_graph
-from onnxlr.passes.channel_chains import _fold_into_following_add
+from onnxlr.passes.lstm_units import (HiddenChain, HiddenFit, consumer_columns, first_units,
+                                      lines_up, lstm_weights, rewrite, set_units, trace,
+                                      unit_features)
 from onnxlr.search.pruning import KEEP_LEVELS, PRUNE, keep_counts
-from onnxlr.sites import constant_value
 
 #: Rows (time steps × samples) the least-squares fits see, at most.
 MAX_ROWS = 16384
+#: Time steps × samples captured for the fits (the pruned layer is run on whole sequences):
+#: bounds the captured states at this many × D·H values.
+MAX_SAMPLE_ROWS = 4 * MAX_ROWS
 #: The gate fit's features (input size + kept units) are bounded: Gram matrices of this
 #: many float64 columns (and E's of D·H) are what the fit holds in memory.
 MAX_FEATURES = 4096
 #: Ridge, relative to the Gram matrix's mean diagonal (keeps near-dependent units stable).
 RIDGE = 1e-4
 
-_LAST_AXIS_OPS = ("Reshape", "Transpose", "Identity", "Dropout")
-
-
-@dataclass
-class HiddenChain:
-    """An LSTM, the ops from its Y to the consumer, and the consumer."""
-
-    layer: gs.Node
-    nodes: list            # ops between Y and the consumer, in order
-    consumer: gs.Node
-    directions: int
-    hidden: int
-
-    @property
-    def features(self) -> int:
-        return self.directions * self.hidden
-
-
-@dataclass(frozen=True)
-class HiddenFit:
-    """One rung: the units kept per direction, the refit layer, and the map back."""
-
-    kept: np.ndarray        # [D, H'] sorted unit indices per direction
-    w: np.ndarray           # [D, 4H', I]
-    r: np.ndarray           # [D, 4H', H']
-    b: np.ndarray           # [D, 8H']
-    expand: np.ndarray      # E [D·H, D·H']: original features from the kept ones
-    offset: np.ndarray      # e [D·H]
-    error: float | None     # rel. L2 of the reconstructed features on the fitting rows
-    layer: str
-    consumer: str
-    channels: int           # H
-
-    @property
-    def neighbour(self) -> str:
-        """The other layer this rung changes (its consumer loses input columns)."""
-        return self.consumer
-
-    @property
-    def kept_count(self) -> int:
-        return int(self.kept.shape[1])
-
-
-# --- the chain ---------------------------------------------------------------------------------
-
-def _attr(node, name, default=None):
-    return node.attrs.get(name, default)
-
-
-def _zero_state(t) -> bool:
-    """An initial state that is absent, a constant zero, or ConstantOfShape of zero."""
-    if t is None or not t.name:
-        return True
-    value = constant_value(t)
-    if value is not None:
-        return not np.any(value)
-    if len(t.inputs) == 1 and t.inputs[0].op == "ConstantOfShape":
-        v = t.inputs[0].attrs.get("value")
-        v = np.zeros(1) if v is None else np.asarray(getattr(v, "values", v))
-        return not np.any(v)
-    return False
-
-
-def _only_user(t: gs.Tensor, graph: gs.Graph) -> gs.Node | str:
-    """The one node that reads ``t``'s values (Shape nodes read only its shape, which
-    follows the units: an exported Reshape's target is often computed from it)."""
-    if any(t is o for o in graph.outputs):
-        return f"{t.name} is a graph output"
-    users = [u for u in t.outputs if u.op != "Shape"]
-    if len(users) != 1:
-        return f"{t.name} has {len(users)} readers"
-    return users[0]
-
-
-def trace(node: gs.Node, graph: gs.Graph) -> HiddenChain | str:
-    """The chain from an LSTM's Y to the layer that reads its units, or why there is none."""
-    if node.op != "LSTM":
-        return f"{node.op}: only an LSTM's hidden units are pruned"
-    ins = list(node.inputs) + [None] * (8 - len(node.inputs))
-    if any(constant_value(t) is None for t in ins[1:3]) or \
-            (ins[3] is not None and ins[3].name and constant_value(ins[3]) is None):
-        return "LSTM weights are not constants"
-    if ins[4] is not None and ins[4].name:
-        return "LSTM with sequence_lens"
-    if not (_zero_state(ins[5]) and _zero_state(ins[6])):
-        return "LSTM with a non-zero initial state"
-    if ins[7] is not None and ins[7].name:
-        return "LSTM with peepholes"
-    if _attr(node, "clip") is not None or _attr(node, "input_forget", 0) or \
-            _attr(node, "layout", 0) or _attr(node, "activations") is not None:
-        return "LSTM with clip, input_forget, batch-first layout or its own activations"
-    for t in node.outputs[1:]:
-        if t.name and (t.outputs or any(t is o for o in graph.outputs)):
-            return "LSTM whose final states are read"
-    d = 2 if _attr(node, "direction", "forward") == "bidirectional" else 1
-    h = int(_attr(node, "hidden_size"))
-    t = node.outputs[0]
-    nodes = []
-    while True:
-        user = _only_user(t, graph)
-        if isinstance(user, str):
-            return user
-        if user.op in ("Gemm", "MatMul") and user.inputs[0] is t and nodes:
-            if user.op == "Gemm" and int(_attr(user, "transA", 0)):
-                return "Gemm with transA reads the units"
-            weight = constant_value(user.inputs[1])
-            if weight is None or weight.ndim != 2:
-                return f"{user.name} has no constant 2-D weight"
-            if d * h not in weight.shape:
-                return f"{user.name}'s weight {list(weight.shape)} has no axis of D·H = {d * h}"
-            return HiddenChain(node, nodes, user, d, h)
-        if user.op == "Transpose":
-            perm = list(_attr(user, "perm", []))
-            if not (perm == [0, 2, 1, 3] and not nodes) and (not perm or perm[-1] != len(perm) - 1):
-                return f"{user.name} moves the units' axis"
-        elif user.op == "Squeeze":
-            if d != 1:
-                return f"{user.name} squeezes a bidirectional output"
-        elif user.op not in ("Reshape", "Identity", "Dropout"):
-            return f"{user.op} {user.name} between the LSTM and the layer that reads its units"
-        if user.op == "Dropout" and len(user.outputs) > 1 and user.outputs[1].outputs:
-            return f"{user.name}'s mask is read"
-        # which feature is which unit is checked on real values (:func:`lines_up`)
-        nodes.append(user)
-        t = user.outputs[0]
-
-
-def lines_up(y: np.ndarray, consumer_input: np.ndarray) -> bool:
-    """The consumer's input rows are Y's units, direction-major (d·H + j), in some row
-    order: what the fit and the rewrite assume of the ops between."""
-    f = _features(np.asarray(y, np.float64))
-    z = np.asarray(consumer_input, np.float64)
-    if z.size != f.size or z.shape[-1] != f.shape[1]:
-        return False
-    z = z.reshape(-1, f.shape[1])
-    probe = np.random.default_rng(0).standard_normal(f.shape[1])
-    return bool(np.allclose(np.sort(f @ probe), np.sort(z @ probe), rtol=1e-5, atol=1e-6))
-
-
-def consumer_columns(chain: HiddenChain) -> np.ndarray:
-    """The consumer's weight as [features, outputs]."""
-    c = chain.consumer
-    w = np.asarray(constant_value(c.inputs[1]), np.float64)
-    if c.op == "Gemm" and int(_attr(c, "transB", 0)):
-        w = w.T
-    return w
-
 
 # --- statistics and fits -------------------------------------------------------------------
-
-def _lstm_weights(node: gs.Node):
-    w = np.asarray(constant_value(node.inputs[1]), np.float64)
-    r = np.asarray(constant_value(node.inputs[2]), np.float64)
-    d, g, _ = w.shape
-    has_b = len(node.inputs) > 3 and node.inputs[3].name
-    b = np.asarray(constant_value(node.inputs[3]), np.float64) if has_b else np.zeros((d, 2 * g))
-    return w, r, b
-
 
 def _previous(y: np.ndarray, d: int) -> np.ndarray:
     """Each step's previous state of direction d: y[t-1] forwards, y[t+1] backwards."""
     z = np.zeros_like(y[:1])
     return np.concatenate([z, y[:-1]]) if d == 0 else np.concatenate([y[1:], z])
-
-
-def _features(y: np.ndarray) -> np.ndarray:
-    """Y [T, D, N, H] → rows [T·N, D·H], direction-major: the consumer's input columns."""
-    t, d, n, h = y.shape
-    return y.transpose(0, 2, 1, 3).reshape(t * n, d * h)
 
 
 def _solve(f: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -236,7 +75,7 @@ def _single_lstm(node: gs.Node, w, r, b, hidden: int, opset: int) -> onnx.ModelP
     inits = [onnx.numpy_helper.from_array(np.asarray(a, np.float32), n)
              for a, n in ((w, "W"), (r, "R"), (b, "B"))]
     lstm = onnx.helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], hidden_size=hidden,
-                                 direction=_attr(node, "direction", "forward"))
+                                 direction=node.attrs.get("direction", "forward"))
     graph = onnx.helper.make_graph(
         [lstm], "lstm", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
                                                             [None, None, w.shape[2]])],
@@ -270,7 +109,7 @@ def unit_order(chain: HiddenChain, units: np.ndarray, r: np.ndarray) -> list[np.
 def fits_for(chain: HiddenChain, x: np.ndarray, y: np.ndarray, keeps: list[int], *,
              opset: int, provider: str = "cpu", seed: int = 0) -> dict[int, HiddenFit]:
     """{H': fit} from the layer's captured input x [T, N, I] and output y [T, D, N, H]."""
-    w, r, b = _lstm_weights(chain.layer)
+    w, r, b = lstm_weights(chain.layer)
     d, h = chain.directions, chain.hidden
     if x.shape[-1] + max(keeps) > MAX_FEATURES or d * h > MAX_FEATURES:
         raise ValueError(f"{x.shape[-1] + max(keeps)} gate-fit features or {d * h} units, "
@@ -282,7 +121,7 @@ def fits_for(chain: HiddenChain, x: np.ndarray, y: np.ndarray, keeps: list[int],
     units = y.transpose(1, 0, 2, 3).reshape(d, -1, h)
     mean = units.mean(axis=1)
     order = unit_order(chain, units, r)
-    target_features = _features(y)[rows]
+    target_features = unit_features(y)[rows]
     out = {}
     for keep in keeps:
         kept = np.stack([np.sort(o[:keep]) for o in order])
@@ -312,7 +151,7 @@ def fits_for(chain: HiddenChain, x: np.ndarray, y: np.ndarray, keeps: list[int],
             b2.append(np.concatenate([sol[-1], np.zeros(4 * keep)]))
         w2, r2, b2 = np.stack(w2), np.stack(r2), np.stack(b2)
         y2 = _run_lstm(_single_lstm(chain.layer, w2, r2, b2, keep, opset), x, provider)
-        small = _features(y2)[rows]
+        small = unit_features(y2)[rows]
         sol = _solve(small, target_features)
         expand, offset = sol[:-1].T, sol[-1]
         resid = small @ sol[:-1] + offset - target_features
@@ -324,22 +163,6 @@ def fits_for(chain: HiddenChain, x: np.ndarray, y: np.ndarray, keeps: list[int],
 
 
 # --- the gated graph's candidate, the timing graphs and the final rewrite ---------------------------
-
-def _set_lstm(node: gs.Node, fitted_w, fitted_r, fitted_b, hidden: int, names: NameScope,
-              dtype) -> None:
-    """Give an LSTM node its pruned weights and size; its zero initial states go."""
-    inputs = list(node.inputs)[:3]
-    inputs[1] = gs.Constant(names(f"{node.name}/W_units"), np.asarray(fitted_w, dtype))
-    inputs[2] = gs.Constant(names(f"{node.name}/R_units"), np.asarray(fitted_r, dtype))
-    inputs.append(gs.Constant(names(f"{node.name}/B_units"), np.asarray(fitted_b, dtype)))
-    node.inputs.clear()
-    node.inputs.extend(inputs)
-    node.attrs["hidden_size"] = int(hidden)
-
-
-def _const(names, name, value) -> gs.Constant:
-    return gs.Constant(names(name), np.ascontiguousarray(value))
-
 
 class HiddenBuilder:
     """Builds a hidden-unit rung in the gated graph (the interface of a Method's ``build``):
@@ -355,8 +178,11 @@ class HiddenBuilder:
         small = gs.Variable(names(f"{node.name}/units"), dtype=y.dtype)
         node.outputs.clear()
         node.outputs.append(small)
-        _set_lstm(node, fitted.w, fitted.r, fitted.b, keep, names, dtype)
+        set_units(node, fitted.w, fitted.r, fitted.b, keep, names, dtype)
         p = node.name
+
+        def const(tag, value):
+            return gs.Constant(names(f"{p}/{tag}"), np.ascontiguousarray(value))
 
         def add(op, inputs, attrs=None, out=None):
             out = out or gs.Variable(names(f"{p}/{op.lower()}"), dtype=y.dtype)
@@ -365,85 +191,11 @@ class HiddenBuilder:
             return out
 
         t = add("Transpose", [small], {"perm": [0, 2, 1, 3]})
-        t = add("Reshape", [t, _const(names, f"{p}/flat", np.array([0, 0, -1], np.int64))])
-        t = add("MatMul", [t, _const(names, f"{p}/E", fitted.expand.T.astype(dtype))])
-        t = add("Add", [t, _const(names, f"{p}/e", fitted.offset.astype(dtype))])
-        t = add("Reshape", [t, _const(names, f"{p}/split",
-                                       np.array([0, 0, d, fitted.channels], np.int64))])
+        t = add("Reshape", [t, const("flat", np.array([0, 0, -1], np.int64))])
+        t = add("MatMul", [t, const("E", fitted.expand.T.astype(dtype))])
+        t = add("Add", [t, const("e", fitted.offset.astype(dtype))])
+        t = add("Reshape", [t, const("split", np.array([0, 0, d, fitted.channels], np.int64))])
         add("Transpose", [t], {"perm": [0, 2, 1, 3]}, out=y)
-
-
-def _shrink_reshapes(chain: HiddenChain, keep: int, names: NameScope) -> None:
-    for n in chain.nodes:
-        if n.op == "Reshape":
-            shape = constant_value(n.inputs[1])
-            if shape is not None and int(shape[-1]) == chain.features:
-                shape = np.array(shape, np.int64)
-                shape[-1] = chain.directions * keep
-                n.inputs[1] = _const(names, f"{n.inputs[1].name}/units", shape)
-
-
-def _fold_expansion(chain: HiddenChain, expand: np.ndarray, offset: np.ndarray,
-                    graph: gs.Graph, names: NameScope) -> None:
-    """The consumer reads the kept features: W ← W·E, its bias ← bias + W·e."""
-    c = chain.consumer
-    w = consumer_columns(chain)                       # [F, out]
-    dtype = np.asarray(constant_value(c.inputs[1])).dtype
-    new = expand.T @ w                                # [F', out]
-    delta = offset @ w                                # [out]
-    if c.op == "Gemm":
-        alpha, beta = float(_attr(c, "alpha", 1.0)), float(_attr(c, "beta", 1.0))
-        c.inputs[1] = _const(names, f"{c.name}/W_units",
-                             (new.T if int(_attr(c, "transB", 0)) else new).astype(dtype))
-        has_c = len(c.inputs) > 2 and c.inputs[2].name
-        bias = np.asarray(constant_value(c.inputs[2]), np.float64) if has_c else np.zeros(1)
-        if has_c and bias is None:
-            raise ValueError(f"{c.name}'s bias is not a constant")
-        summed = (bias * beta + alpha * delta) / (beta if beta else 1.0)
-        if not beta:
-            c.attrs["beta"] = 1.0
-        if has_c:
-            c.inputs[2] = _const(names, f"{c.name}/C_units", summed.astype(dtype))
-        else:
-            c.inputs.append(_const(names, f"{c.name}/C_units", summed.astype(dtype)))
-        return
-    c.inputs[1] = _const(names, f"{c.name}/W_units", new.astype(dtype))
-    out = c.outputs[0]
-    if not _fold_into_following_add(out, delta.astype(dtype), names):
-        shifted = gs.Variable(names(f"{out.name}/units"), dtype=out.dtype)
-        c.outputs[0] = shifted
-        graph.nodes.append(gs.Node("Add", names(f"{c.name}/units_bias"), {},
-                                   [shifted, _const(names, f"{c.name}/bias_units",
-                                                    delta.astype(dtype))], [out]))
-
-
-def rewrite(chain: HiddenChain, fitted: HiddenFit, graph: gs.Graph, names: NameScope) -> None:
-    """The chain with the fit's units: layer, Reshape targets, consumer."""
-    y = chain.layer.outputs[0]
-    dtype = np.float32 if y.dtype is None else np.dtype(y.dtype)
-    keep = fitted.kept.shape[1]
-    _set_lstm(chain.layer, fitted.w, fitted.r, fitted.b, keep, names, dtype)
-    for o in chain.layer.outputs:  # Y, and the final states nothing reads
-        o.shape = None
-    for n in chain.nodes:
-        for o in n.outputs:
-            o.shape = None
-    _shrink_reshapes(chain, keep, names)
-    _fold_expansion(chain, fitted.expand, fitted.offset, graph, names)
-
-
-def first_units(chain: HiddenChain, keep: int) -> HiddenFit:
-    """The first H' units with sliced weights: the timing's stand-in (only shapes matter)."""
-    w, r, b = _lstm_weights(chain.layer)
-    d, h = chain.directions, chain.hidden
-    kept = np.tile(np.arange(keep), (d, 1))
-    rows = np.concatenate([g * h + np.arange(keep) for g in range(4)])
-    cols = np.concatenate([k * h + np.arange(keep) for k in range(d)])
-    expand = np.zeros((d * h, d * keep))
-    expand[cols, np.arange(d * keep)] = 1.0
-    return HiddenFit(kept, w[:, rows], r[:, rows][:, :, :keep],
-                     np.concatenate([b[:, :4 * h][:, rows], b[:, 4 * h:][:, rows]], axis=1),
-                     expand, np.zeros(d * h), None, chain.layer.name, chain.consumer.name, h)
 
 
 def chain_graph(graph: gs.Graph, chain: HiddenChain) -> tuple[gs.Graph, HiddenChain] | str:
@@ -539,6 +291,19 @@ def apply(graph: gs.Graph, fits: dict[str, HiddenFit]) -> dict[str, str]:
 
 # --- rungs -------------------------------------------------------------------------------------
 
+def _enough(batches: list[dict], steps: int) -> list[dict]:
+    """The leading batches whose samples give the fits about ``MAX_SAMPLE_ROWS`` steps: a
+    long sequence's captured states (T·N·D·H) stay bounded, and the fits subsample
+    :data:`MAX_ROWS` of them anyway."""
+    out, samples = [], 0
+    for b in batches:
+        if out and samples * max(steps, 1) >= MAX_SAMPLE_ROWS:
+            break
+        out.append(b)
+        samples += int(next(iter(b.values())).shape[0])
+    return out
+
+
 def add_hidden_rungs(build, ladders: list, empty: dict[str, str], feeds: dict, timer,
                      batches: list[dict], *, multiple: int = 8, provider: str = "cpu",
                      progress=None) -> tuple[dict, dict]:
@@ -588,7 +353,7 @@ def add_hidden_rungs(build, ladders: list, empty: dict[str, str], feeds: dict, t
         x_name, y_name = chain.layer.inputs[0].name, chain.layer.outputs[0].name
         z_name = chain.consumer.inputs[0].name
         got = [capture(build.prepared, b, [x_name, y_name, z_name], provider=provider)
-               for b in batches]
+               for b in _enough(batches, values[x_name].shape[0])]
         if not lines_up(got[0][y_name], got[0][z_name]):
             account["layers"][name] = (f"the ops between {name} and {chain.consumer.name} do "
                                        f"not keep its units on the last axis, direction-major")
@@ -630,5 +395,5 @@ def add_hidden_rungs(build, ladders: list, empty: dict[str, str], feeds: dict, t
     return fits, account
 
 
-__all__ = ["HiddenBuilder", "HiddenChain", "HiddenFit", "add_hidden_rungs", "apply",
-           "fits_for", "lines_up", "rewrite", "time_chain", "trace"]
+__all__ = ["HiddenBuilder", "HiddenFit", "add_hidden_rungs", "apply", "fits_for",
+           "time_chain", "unit_order"]

@@ -17,6 +17,7 @@ import onnx
 from onnxlr import runtime
 from onnxlr.graph import to_graph, to_model
 from onnxlr.passes.factorize import Factorize
+from onnxlr.passes.lstm_units import HiddenFit
 from onnxlr.records import FACTORISED, PRUNED
 from onnxlr.search.metrics import drop_bound, input_samples
 from onnxlr.search import hidden_pruning
@@ -187,7 +188,7 @@ def _prune(graph, records, chosen: dict) -> None:
     """Rewrite the chosen channel chains; the records say what changed, a producer's saving
     counted in its consumer's record (as :mod:`onnxlr.passes.prune` does)."""
     by = {r.name: r for r in records}
-    hidden = {k: f for k, f in chosen.items() if isinstance(f, hidden_pruning.HiddenFit)}
+    hidden = {k: f for k, f in chosen.items() if isinstance(f, HiddenFit)}
     failed = apply_pruning(graph, {k: f for k, f in chosen.items() if k not in hidden})
     failed.update(hidden_pruning.apply(graph, hidden) if hidden else {})
     for layer, fitted in chosen.items():

@@ -18,13 +18,14 @@ import onnx
 from onnxlr import runtime
 from onnxlr.methods import AUTO
 from onnxlr.passes.factorize import Factorize
+from onnxlr.passes.lstm_units import HiddenFit
 from onnxlr.records import REVERTED
 from onnxlr.search.gated import GatedModel
 from onnxlr.search.ladders import AUTO_ALTERNATIVES, build_ladders
 from onnxlr.search.judge import Judge, session_for
 from onnxlr.search.metrics import CONFIDENCE, check_reference, resolve_metric
 from onnxlr.search.planner import Planner, choose, greedy_path, subset
-from onnxlr.search.hidden_pruning import HiddenBuilder, HiddenFit, add_hidden_rungs
+from onnxlr.search.hidden_pruning import HiddenBuilder, add_hidden_rungs
 from onnxlr.search.pruning import PRUNE, PruneBuilder, add_prune_rungs
 
 logger = logging.getLogger(__name__)
