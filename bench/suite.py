@@ -117,6 +117,22 @@ def settings_for(model: str, quick: bool, params: set[str],
     return out
 
 
+def setting_labels(text: str) -> set[str]:
+    """``--settings``' comma-separated labels, where some labels hold a comma themselves
+    ("vbmf, no bound"): adjacent pieces that join into a known label are one label."""
+    known = {label for label, _, _ in SETTINGS}
+    pieces, out = text.split(","), set()
+    i = 0
+    while i < len(pieces):
+        for j in range(len(pieces), i, -1):
+            joined = ",".join(pieces[i:j]).strip()
+            if joined in known or j == i + 1:
+                out.add(joined)
+                i = j
+                break
+    return out
+
+
 def run_all(session, feeds: list[dict]) -> list[dict]:
     from onnxlr import runtime
     return [runtime.run(session, f) for f in feeds]
@@ -295,7 +311,7 @@ def run_model(name: str, args, params: set[str]) -> dict:
             "rows": [],
         }
         chosen = settings_for(name, args.quick, params,
-                              set(args.settings.split(",")) if args.settings else None)
+                              setting_labels(args.settings) if args.settings else None)
         order = {label: i for i, (label, _, _) in enumerate(SETTINGS)}
         previous = args.results / f"{name}.json"
         if args.settings and previous.exists():  # a partial rerun keeps the other rows

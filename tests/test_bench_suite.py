@@ -333,3 +333,9 @@ def test_search_plugin_is_the_task_metric_on_calibration_labels(tmp_path):
     no_labels = base.Task(**{**task.__dict__, "calib_labels": None})
     agree = suite._task_metric(no_labels)
     assert agree({"logits": wrong}, {"logits": logits}) == 0.5
+
+
+def test_setting_labels_keep_labels_that_hold_a_comma():
+    assert suite.setting_labels("vbmf, no bound,auto 0.5,auto 0.25, bound") == {
+        "vbmf, no bound", "auto 0.5", "auto 0.25, bound"}
+    assert suite.setting_labels("search,nonsense") == {"search", "nonsense"}
