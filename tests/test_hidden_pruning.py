@@ -209,3 +209,27 @@ def test_a_chosen_unit_rung_is_built_and_recorded(rng):
     assert rec["lstm"].extra["consumer"] == "fc" and kept(rec["lstm"]) == "8 units"
     assert rec["fc"].extra.get("changed_by") == "lstm"
     assert rec["fc"].macs_after == rec["fc"].macs_before  # counted once, in the LSTM's record
+
+
+def test_the_chain_is_timed_with_fewer_units_and_cached(rng, tmp_path):
+    """The chain alone (its Reshape target computed from Shape, as exported) runs with H'
+    units; both times are positive and a second call reads the timing cache."""
+    from onnxlr.latency import LayerTimer, TimingCache
+    from onnxlr.methods import parse_method
+    from onnxlr.passes.factorize import FactorizeConfig
+    from onnxlr.rank import parse_rank
+
+    model, _ = crnn_head()
+    prepared = prepare(model)
+    graph = to_graph(prepared)
+    chain = units.trace(next(n for n in graph.nodes if n.name == "lstm"), graph)
+    config = FactorizeConfig(methods=parse_method("auto"), rank=parse_rank("0.5"))
+    timer = LayerTimer(config, {o.domain: o.version for o in prepared.opset_import},
+                       prepared.ir_version, timing_cache=TimingCache(str(tmp_path / "t.json")),
+                       seconds_per_pair=0.05)
+    feed = rng.standard_normal((T, 2, I)).astype(np.float32)
+    got = hp.time_chain(timer, graph, chain, feed, [8, 12], prepared.ir_version)
+    assert set(got) == {8, 12} and all(a > 0 and b > 0 for a, b in got.values())
+    timer.timing_cache.save()
+    again = hp.time_chain(timer, graph, chain, feed, [8, 12], prepared.ir_version)
+    assert again == got

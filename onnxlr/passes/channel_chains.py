@@ -457,7 +457,7 @@ def _set_const(node: gs.Node, i: int, value: np.ndarray, names: NameScope, tag: 
     node.inputs[i] = gs.Constant(names(f"{old.name}/{tag}"), np.ascontiguousarray(value))
 
 
-def _fold_into_following_add(y: gs.Variable, delta: np.ndarray, names: NameScope) -> bool:
+def fold_into_following_add(y: gs.Variable, delta: np.ndarray, names: NameScope) -> bool:
     """Add ``delta`` (N,) to the constant of the one ``Add(y, c)`` that reads ``y`` when the
     sum keeps c's shape; False (nothing changed) otherwise."""
     if len(y.outputs) != 1 or y.outputs[0].op != "Add" or len(y.outputs[0].inputs) != 2:
@@ -508,7 +508,7 @@ def _set_consumer(chain: ChannelChain, weight: np.ndarray, bias_delta, graph, na
     # one (its own bias), else add one after it (one more node costs ~1-2 µs in ORT, which is
     # what a small MLP's whole layer costs)
     y = c.outputs[0]
-    if _fold_into_following_add(y, bias_delta, names):
+    if fold_into_following_add(y, bias_delta, names):
         return
     mid = gs.Variable(names(f"{c.name}/pruned_out"), dtype=y.dtype, shape=y.shape)
     c.outputs[0] = mid
@@ -519,4 +519,5 @@ def _set_consumer(chain: ChannelChain, weight: np.ndarray, bias_delta, graph, na
 
 
 __all__ = ["BINARY", "CANDIDATE_OPS", "ChannelChain", "LINEAR", "PER_CHANNEL_PARAMS", "POOLS",
-           "UNARY", "chain_into", "consumer_weight", "producer_rows", "rewrite", "trace_chain"]
+           "UNARY", "chain_into", "consumer_weight", "fold_into_following_add", "producer_rows",
+           "rewrite", "trace_chain"]

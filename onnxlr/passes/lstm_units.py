@@ -17,9 +17,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxlr.graph import NameScope
-from onnxlr.passes.channel_chains import _fold_into_following_add
+from onnxlr.passes.channel_chains import fold_into_following_add
 from onnxlr.sites import constant_value
-
 
 
 @dataclass
@@ -234,7 +233,7 @@ def _fold_expansion(chain: HiddenChain, expand: np.ndarray, offset: np.ndarray,
         return
     c.inputs[1] = _const(names, f"{c.name}/W_units", new.astype(dtype))
     out = c.outputs[0]
-    if not _fold_into_following_add(out, delta.astype(dtype), names):
+    if not fold_into_following_add(out, delta.astype(dtype), names):
         shifted = gs.Variable(names(f"{out.name}/units"), dtype=out.dtype)
         c.outputs[0] = shifted
         graph.nodes.append(gs.Node("Add", names(f"{c.name}/units_bias"), {},

@@ -34,6 +34,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxlr import runtime
+from onnxlr.errors import OnnxlrError
 from onnxlr.graph import NameScope, to_graph
 from onnxlr.passes.lstm_units import (HiddenChain, HiddenFit, consumer_columns, first_units,
                                       lines_up, lstm_weights, rewrite, set_units, trace,
@@ -198,7 +199,7 @@ class HiddenBuilder:
         add("Transpose", [t], {"perm": [0, 2, 1, 3]}, out=y)
 
 
-def chain_graph(graph: gs.Graph, chain: HiddenChain) -> tuple[gs.Graph, HiddenChain] | str:
+def chain_graph(graph: gs.Graph, chain: HiddenChain) -> gs.Graph | str:
     """The chain alone (the LSTM's input as the graph input, shape ops it needs included)."""
     g = graph.copy()
     nodes = {n.name: n for n in g.nodes}
@@ -216,8 +217,7 @@ def chain_graph(graph: gs.Graph, chain: HiddenChain) -> tuple[gs.Graph, HiddenCh
         for t in n.inputs:
             if isinstance(t, gs.Variable) and t.name and t.name not in produced:
                 return f"the chain reads {t.name}, computed before the layer"
-    sub = trace(next(n for n in g.nodes if n.name == chain.layer.name), g)
-    return (g, sub) if isinstance(sub, HiddenChain) else sub
+    return g
 
 
 def _export(graph: gs.Graph, ir_version: int) -> onnx.ModelProto:
@@ -239,14 +239,13 @@ def _key(chain: HiddenChain, feed: np.ndarray, keep: int, timer) -> str:
 
 def time_chain(timer, graph: gs.Graph, chain: HiddenChain, feed: np.ndarray, keeps: list[int],
                ir_version: int) -> dict[int, tuple[float, float]] | str:
-    """{H': (ms of the chain, ms with H' units)} on the layer's real input."""
-    cut = chain_graph(graph, chain)
-    if isinstance(cut, str):
-        return cut
-    sub, sub_chain = cut
+    """{H': (ms of the chain, ms with H' units)} on the layer's real input, or why the chain
+    cannot be timed (then the layer gets no unit rungs)."""
+    sub = chain_graph(graph, chain)
+    if isinstance(sub, str):
+        return sub
     x = sub.inputs[0].name
     out, pending = {}, []
-    base = None
     for keep in keeps:
         key = _key(chain, feed, keep, timer)
         cached = timer.timing_cache.get(key)
@@ -255,23 +254,34 @@ def time_chain(timer, graph: gs.Graph, chain: HiddenChain, feed: np.ndarray, kee
             continue
         g = sub.copy()
         c = trace(next(n for n in g.nodes if n.name == chain.layer.name), g)
+        if isinstance(c, str):
+            return c
         rewrite(c, first_units(c, keep), g, NameScope(g))
         g.cleanup().toposort()
-        try:
-            session = runtime.make_session(_export(g, ir_version), provider=timer.provider,
-                                           threads=timer.threads)
-            runtime.run(session, {x: feed})
-        except Exception as exc:  # noqa: BLE001  (ORT's own errors: the chain does not shrink)
-            return f"the chain with fewer units does not run ({str(exc).splitlines()[0][:160]})"
+        session = _runs(g, ir_version, timer, {x: feed})
+        if isinstance(session, str):
+            return f"the chain with fewer units does not run ({session})"
         pending.append((keep, key, session))
     if pending:
-        base = runtime.make_session(_export(sub, ir_version), provider=timer.provider,
-                                    threads=timer.threads)
+        base = _runs(sub, ir_version, timer, {x: feed})
+        if isinstance(base, str):
+            return f"the chain alone does not run ({base})"
         timed = timer._time_group(base, [p[2] for p in pending], {x: feed})  # noqa: SLF001
         for (keep, key, _), cached in zip(pending, timed):
             timer.timing_cache.put(key, cached)
             out[keep] = (cached[0], cached[1])
     return out
+
+
+def _runs(graph: gs.Graph, ir_version: int, timer, feeds: dict):
+    """A session of the graph that has run once on ``feeds``, or the first line of why not."""
+    try:
+        session = runtime.make_session(_export(graph, ir_version), provider=timer.provider,
+                                       threads=timer.threads)
+        runtime.run(session, feeds)
+    except Exception as exc:  # noqa: BLE001  (export and ORT errors: the chain is declined)
+        return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    return session
 
 
 def apply(graph: gs.Graph, fits: dict[str, HiddenFit]) -> dict[str, str]:
@@ -363,7 +373,7 @@ def add_hidden_rungs(build, ladders: list, empty: dict[str, str], feeds: dict, t
         try:
             fitted = fits_for(chain, x, y, [k for k, _, _ in fast], opset=opset,
                               provider=provider)
-        except (np.linalg.LinAlgError, ValueError) as exc:
+        except (np.linalg.LinAlgError, ValueError, OnnxlrError) as exc:
             account["layers"][name] = f"the fit failed ({exc})"
             continue
         lad = by.get(name)
