@@ -113,18 +113,24 @@ def capture(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[st
             provider: str = "cpu") -> dict[str, np.ndarray]:
     """Values of the named tensors on ``feeds``: graph inputs from the feeds, the rest by
     exposing them as extra outputs of one ORT run."""
-    wanted = [n for n in dict.fromkeys(names) if n not in feeds]
-    found = {n: feeds[n] for n in names if n in feeds}
-    if not wanted:
-        return found
-    probe = copy.deepcopy(model)
-    have = {o.name for o in probe.graph.output}
-    for name in wanted:
-        if name not in have:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    session = runtime.make_session(probe, provider=provider)
-    found.update({k: v for k, v in runtime.run(session, feeds).items() if k in wanted})
-    return found
+    return capture_batches(model, [feeds], names, provider=provider)[0]
+
+
+def capture_batches(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]],
+                    names: list[str], *, provider: str = "cpu") -> list[dict[str, np.ndarray]]:
+    """:func:`capture` for each batch, with one exposed model and one session for all."""
+    wanted = [n for n in dict.fromkeys(names) if not all(n in b for b in batches)]
+    session = None
+    if wanted:
+        probe = copy.deepcopy(model)
+        have = {o.name for o in probe.graph.output}
+        probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in have)
+        session = runtime.make_session(probe, provider=provider)
+    out = []
+    for feeds in batches:
+        got = runtime.run(session, feeds) if session is not None else {}
+        out.append({n: feeds[n] if n in feeds else got[n] for n in names})
+    return out
 
 
 def layer_nodes_and_inputs(model: onnx.ModelProto, names: list[str], feeds, *,

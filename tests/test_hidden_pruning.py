@@ -233,3 +233,34 @@ def test_the_chain_is_timed_with_fewer_units_and_cached(rng, tmp_path):
     timer.timing_cache.save()
     again = hp.time_chain(timer, graph, chain, feed, [8, 12], prepared.ir_version)
     assert again == got
+
+
+def test_the_search_gets_unit_rungs_on_the_lstms_ladder(rng, tmp_path, monkeypatch):
+    """add_hidden_rungs: the chain timed, fitted on the calibration batches, and a rung per
+    kept count on a new ladder for the LSTM (every rung kept: the speed-up floor is lifted,
+    timings of a tiny layer decide nothing here); the fits are what the rungs name."""
+    import onnxlr.search.ladders as ladders_module
+    from onnxlr.latency import LayerTimer, TimingCache
+    from onnxlr.methods import parse_method
+    from onnxlr.passes.factorize import FactorizeConfig
+    from onnxlr.pipeline import _Builder
+    from onnxlr.rank import parse_rank
+
+    monkeypatch.setattr(ladders_module, "MIN_RUNG_SPEEDUP", 0.0)
+    model, _ = crnn_head()
+    prepared = prepare(model)
+    config = FactorizeConfig(methods=parse_method("auto"), rank=parse_rank("0.5"))
+    build = _Builder(prepared, config, None)
+    timer = LayerTimer(config, {o.domain: o.version for o in prepared.opset_import},
+                       prepared.ir_version, timing_cache=TimingCache(str(tmp_path / "t.json")),
+                       seconds_per_pair=0.05)
+    batches = [{"x": rng.standard_normal((T, 16, I)).astype(np.float32)} for _ in range(3)]
+    ladders, empty = [], {"lstm": "no faster rung"}
+    fits, account = hp.add_hidden_rungs(build, ladders, empty, batches[0], timer, batches)
+    assert set(account["layers"]["lstm"]) == {"8"}
+    (lad,) = ladders
+    assert lad.layer == "lstm" and "lstm" not in empty and lad.ms_before > 0
+    assert [r.option.ranks for r in lad.rungs] == [(8,)]
+    rung = lad.rungs[0]
+    assert rung.scope == "chain" and rung.neighbour == "fc"
+    assert fits[("lstm", 8)].kept.shape == (2, 8) and fits[("lstm", 8)].consumer == "fc"

@@ -13,8 +13,8 @@ from numpy_ref import conv_nd
 from onnxlr import accept as accept_mod
 from onnxlr.cli import main
 from onnxlr.graph import to_graph
-from onnxlr.latency import (LayerTimer, TimingCache, Trial, capture, isolate, layer_inputs,
-                            pick_fastest, rank_variants)
+from onnxlr.latency import (LayerTimer, TimingCache, Trial, capture, capture_batches, isolate,
+                            layer_inputs, pick_fastest, rank_variants)
 from onnxlr.methods import parse_method
 from onnxlr.passes.factorize import FactorizeConfig
 from onnxlr.pipeline import optimize, prepare
@@ -240,3 +240,14 @@ def test_cli_profile_fills_the_report(tmp_path):
     assert factorised
     for name in factorised:
         assert profile[name]["before_ms"] > 0 and profile[name]["after_ms"] > 0
+
+
+def test_capture_batches_is_capture_of_each_batch_with_one_session(rng):
+    model = prepare(tiny_cnn())
+    batches = [{"input": rng.standard_normal((n, 3, 8, 8)).astype(np.float32)} for n in (2, 3)]
+    got = capture_batches(model, batches, ["r1", "input"])
+    for feeds, one in zip(batches, got):
+        alone = capture(model, feeds, ["r1", "input"])
+        assert set(one) == {"r1", "input"}
+        np.testing.assert_array_equal(one["input"], feeds["input"])
+        np.testing.assert_allclose(one["r1"], alone["r1"], rtol=1e-6)

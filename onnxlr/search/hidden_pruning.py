@@ -25,8 +25,6 @@ the whole model 1.71x faster alone, for 2.4 points of exact match on 1024 test c
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 
 import numpy as np
@@ -39,7 +37,8 @@ from onnxlr.graph import NameScope, to_graph
 from onnxlr.passes.lstm_units import (HiddenChain, HiddenFit, consumer_columns, first_units,
                                       lines_up, lstm_weights, rewrite, set_units, trace,
                                       unit_features)
-from onnxlr.search.pruning import KEEP_LEVELS, PRUNE, keep_counts
+from onnxlr.search.pruning import (KEEP_LEVELS, PRUNE, chain_key, export, keep_counts,
+                                   place_rungs)
 
 #: Rows (time steps × samples) the least-squares fits see, at most.
 MAX_ROWS = 16384
@@ -163,7 +162,7 @@ def fits_for(chain: HiddenChain, x: np.ndarray, y: np.ndarray, keeps: list[int],
     return out
 
 
-# --- the gated graph's candidate, the timing graphs and the final rewrite ---------------------------
+# --- the gated graph's candidate, the timing graphs and the final rewrite ----------------------
 
 class HiddenBuilder:
     """Builds a hidden-unit rung in the gated graph (the interface of a Method's ``build``):
@@ -220,23 +219,6 @@ def chain_graph(graph: gs.Graph, chain: HiddenChain) -> gs.Graph | str:
     return g
 
 
-def _export(graph: gs.Graph, ir_version: int) -> onnx.ModelProto:
-    model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = ir_version
-    return model
-
-
-def _key(chain: HiddenChain, feed: np.ndarray, keep: int, timer) -> str:
-    import onnxruntime
-    parts = {"hidden": [(n.op, sorted((k, repr(v)) for k, v in n.attrs.items()),
-                         [list(t.shape) for t in n.inputs if isinstance(t, gs.Constant)])
-                        for n in [chain.layer, *chain.nodes, chain.consumer]],
-             "input": [list(feed.shape), str(feed.dtype)], "keep": keep,
-             "provider": timer.provider, "threads": timer.threads, "ort": onnxruntime.__version__,
-             "protocol": runtime.TIMING_PROTOCOL}
-    return "hidden:" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-
-
 def time_chain(timer, graph: gs.Graph, chain: HiddenChain, feed: np.ndarray, keeps: list[int],
                ir_version: int) -> dict[int, tuple[float, float]] | str:
     """{H': (ms of the chain, ms with H' units)} on the layer's real input, or why the chain
@@ -247,7 +229,8 @@ def time_chain(timer, graph: gs.Graph, chain: HiddenChain, feed: np.ndarray, kee
     x = sub.inputs[0].name
     out, pending = {}, []
     for keep in keeps:
-        key = _key(chain, feed, keep, timer)
+        key = chain_key("hidden", "hidden", [chain.layer, *chain.nodes, chain.consumer], feed,
+                        keep, timer)
         cached = timer.timing_cache.get(key)
         if cached is not None:
             out[keep] = (cached[0], cached[1])
@@ -276,7 +259,7 @@ def time_chain(timer, graph: gs.Graph, chain: HiddenChain, feed: np.ndarray, kee
 def _runs(graph: gs.Graph, ir_version: int, timer, feeds: dict):
     """A session of the graph that has run once on ``feeds``, or the first line of why not."""
     try:
-        session = runtime.make_session(_export(graph, ir_version), provider=timer.provider,
+        session = runtime.make_session(export(graph, ir_version), provider=timer.provider,
                                        threads=timer.threads)
         runtime.run(session, feeds)
     except Exception as exc:  # noqa: BLE001  (export and ORT errors: the chain is declined)
@@ -320,8 +303,8 @@ def add_hidden_rungs(build, ladders: list, empty: dict[str, str], feeds: dict, t
     """Hidden-unit rungs on the ladders of the selected LSTMs; returns the fits by
     (layer, H') and an account."""
     from onnxlr.budget import selected_layers
-    from onnxlr.latency import capture
-    from onnxlr.search.ladders import MIN_RUNG_SPEEDUP, Ladder, Rung, pareto
+    from onnxlr.latency import capture, capture_batches
+    from onnxlr.search.ladders import MIN_RUNG_SPEEDUP, Ladder, Rung
     from onnxlr.search.gated import Option
     from onnxlr.search.pruning import layer_costs
 
@@ -362,8 +345,8 @@ def add_hidden_rungs(build, ladders: list, empty: dict[str, str], feeds: dict, t
             continue
         x_name, y_name = chain.layer.inputs[0].name, chain.layer.outputs[0].name
         z_name = chain.consumer.inputs[0].name
-        got = [capture(build.prepared, b, [x_name, y_name, z_name], provider=provider)
-               for b in _enough(batches, values[x_name].shape[0])]
+        got = capture_batches(build.prepared, _enough(batches, values[x_name].shape[0]),
+                              [x_name, y_name, z_name], provider=provider)
         if not lines_up(got[0][y_name], got[0][z_name]):
             account["layers"][name] = (f"the ops between {name} and {chain.consumer.name} do "
                                        f"not keep its units on the last axis, direction-major")
@@ -392,15 +375,7 @@ def add_hidden_rungs(build, ladders: list, empty: dict[str, str], feeds: dict, t
         account["fitted"] += len(rungs)
         lad.chain = (f"{name} ({chain.directions}×{chain.hidden} units) → "
                      + " → ".join([n.op for n in chain.nodes] + [chain.consumer.name]))
-        merged = pareto(lad.rungs + rungs)
-        lad.dropped += [f"{r.option.method} {r.option.ranks}: beaten on speed and error by "
-                        f"another candidate" for r in lad.rungs + rungs if r not in merged]
-        lad.rungs = merged
-        if name not in by:
-            lad.ms_before = float(np.median([r.ms_before for r in rungs]))
-            ladders.append(lad)
-            by[name] = lad
-            empty.pop(name, None)
+        place_rungs(lad, rungs, ladders, by, empty)
     timer.timing_cache.save()
     return fits, account
 

@@ -152,33 +152,37 @@ def chain_graph(graph: gs.Graph, chain: ChannelChain) -> tuple[gs.Graph, str]:
     return sub, x.name
 
 
-def _export(graph: gs.Graph, ir_version: int) -> onnx.ModelProto:
+def export(graph: gs.Graph, ir_version: int) -> onnx.ModelProto:
+    """A chain's graph (cut out or rewritten) as a model ORT can time."""
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = ir_version
     return model
 
 
-def _chain_key(chain: ChannelChain, feed: np.ndarray, keep: int, timer) -> str:
+def chain_key(kind: str, section: str, nodes: list, feed: np.ndarray, keep: int, timer) -> str:
+    """The timing-cache key of a chain's nodes (ops, attributes, weight shapes) at ``keep``
+    on ``feed``'s shape, for this provider, thread count, ORT and timing protocol."""
     import onnxruntime
-    parts = {"chain": [(n.op, sorted((k, repr(v)) for k, v in n.attrs.items()),
+    parts = {section: [(n.op, sorted((k, repr(v)) for k, v in n.attrs.items()),
                         [list(t.shape) for t in n.inputs if isinstance(t, gs.Constant)])
-                       for n in [chain.producer, *chain.nodes, chain.consumer]],
+                       for n in nodes],
              "input": [list(feed.shape), str(feed.dtype)], "keep": keep,
              "provider": timer.provider, "threads": timer.threads, "ort": onnxruntime.__version__,
              "protocol": runtime.TIMING_PROTOCOL}
-    return "prune:" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+    return f"{kind}:" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def time_chain(timer, graph: gs.Graph, chain: ChannelChain, feed: np.ndarray,
                keeps: list[int], ir_version: int) -> dict[int, tuple[float, float]]:
     """{keep: (ms of the chain, ms with the first ``keep`` channels)} on the real input."""
     sub, x = chain_graph(graph, chain)
-    base = runtime.make_session(_export(sub, ir_version), provider=timer.provider,
+    base = runtime.make_session(export(sub, ir_version), provider=timer.provider,
                                 threads=timer.threads)
     feeds = {x: feed}
     out, pending = {}, []
     for keep in keeps:
-        key = _chain_key(chain, feed, keep, timer)
+        key = chain_key("prune", "chain", [chain.producer, *chain.nodes, chain.consumer], feed,
+                        keep, timer)
         cached = timer.timing_cache.get(key)
         if cached is not None:
             out[keep] = (cached[0], cached[1])
@@ -188,7 +192,7 @@ def time_chain(timer, graph: gs.Graph, chain: ChannelChain, feed: np.ndarray,
         if isinstance(c, str):
             continue
         rewrite(c, np.arange(keep), consumer_weight(c)[:, :keep], None, g, NameScope(g))
-        pending.append((keep, key, runtime.make_session(_export(g, ir_version),
+        pending.append((keep, key, runtime.make_session(export(g, ir_version),
                                                          provider=timer.provider,
                                                          threads=timer.threads)))
     if pending:
@@ -335,7 +339,7 @@ def add_prune_rungs(build, ladders: list, empty: dict[str, str], feeds: dict, ti
     where the layer had none); returns the chains, the fits by (layer, keep) and an account."""
     from onnxlr.budget import selected_layers
     from onnxlr.latency import capture
-    from onnxlr.search.ladders import MIN_MAC_SHARE, MIN_RUNG_SPEEDUP, Ladder, Rung, pareto
+    from onnxlr.search.ladders import MIN_MAC_SHARE, MIN_RUNG_SPEEDUP, Ladder, Rung
     from onnxlr.search.gated import Option
 
     records = selected_layers(build)
@@ -403,16 +407,23 @@ def add_prune_rungs(build, ladders: list, empty: dict[str, str], feeds: dict, ti
         if not rungs:
             continue
         lad.chain = chain.describe()
-        merged = pareto(lad.rungs + rungs)
-        lad.dropped += [f"{r.option.method} {r.option.ranks}: beaten on speed and error by "
-                        f"another candidate" for r in lad.rungs + rungs if r not in merged]
-        lad.rungs = merged
-        if name not in by:
-            lad.ms_before = float(np.median([r.ms_before for r in rungs]))
-            ladders.append(lad)
-            by[name] = lad
-            empty.pop(name, None)
+        place_rungs(lad, rungs, ladders, by, empty)
     return chains, fits, account
+
+
+def place_rungs(lad, rungs: list, ladders: list, by: dict, empty: dict[str, str]) -> None:
+    """Chain rungs onto a layer's ladder, Pareto-filtered with the rungs it has (the beaten
+    ones said in ``dropped``); a new ladder (timed by its chain) joins the search's ladders."""
+    from onnxlr.search.ladders import pareto
+    merged = pareto(lad.rungs + rungs)
+    lad.dropped += [f"{r.option.method} {r.option.ranks}: beaten on speed and error by "
+                    f"another candidate" for r in lad.rungs + rungs if r not in merged]
+    lad.rungs = merged
+    if lad.layer not in by:
+        lad.ms_before = float(np.median([r.ms_before for r in rungs]))
+        ladders.append(lad)
+        by[lad.layer] = lad
+        empty.pop(lad.layer, None)
 
 
 def layer_costs(graph: gs.Graph) -> dict[str, tuple[int, int]]:
@@ -427,5 +438,5 @@ def layer_costs(graph: gs.Graph) -> dict[str, tuple[int, int]]:
 
 
 __all__ = ["KEEP_LEVELS", "PRUNE", "PruneBuilder", "PruneFit", "add_prune_rungs", "apply",
-           "capture_stats", "chain_graph", "columns", "entry_order", "fits_for",
-           "keep_counts", "layer_costs", "prunable", "time_chain"]
+           "capture_stats", "chain_graph", "chain_key", "columns", "entry_order", "export",
+           "fits_for", "keep_counts", "layer_costs", "place_rungs", "prunable", "time_chain"]
